@@ -1,0 +1,1 @@
+"""MLP-Mixer on CIFAR-100: config, data, model, training, evaluation."""

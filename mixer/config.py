@@ -1,0 +1,292 @@
+"""params.yaml -> frozen, validated dataclasses.
+
+The only module that reads params.yaml or environment variables. Every path is resolved to an
+absolute one here, because Ray Train workers run in a working directory of their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+
+# Air-gapped machines point ingestion at a mirror without editing the versioned params.
+ENV_DATA_URL = "MIXER_DATA_URL"
+ENV_DATA_MD5 = "MIXER_DATA_MD5"
+
+
+class ConfigError(ValueError):
+    """A bad params file, override or value; the message is one line naming the key."""
+
+
+def _check(predicate: Callable[[Any], bool], requirement: str) -> dict[str, Any]:
+    """Field metadata: a range or choice check with the words used in the error."""
+    return {"check": (predicate, requirement)}
+
+
+def _positive() -> dict[str, Any]:
+    return _check(lambda v: v > 0, "must be > 0")
+
+
+def _non_negative() -> dict[str, Any]:
+    return _check(lambda v: v >= 0, "must be >= 0")
+
+
+def _fraction() -> dict[str, Any]:
+    return _check(lambda v: 0 <= v < 1, "must be in [0, 1)")
+
+
+def _one_of(*choices: str) -> dict[str, Any]:
+    return _check(lambda v: v in choices, f"must be one of {', '.join(choices)}")
+
+
+# CIFAR-100 is fixed: 32x32 RGB images, 100 fine classes.
+IMAGE_SIZE = 32
+IN_CHANNELS = 3
+NUM_CLASSES = 100
+
+# `seed` is the tutorial's model (see DESIGN.md); `nano` widens the channel MLP and doubles the depth.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "seed": dict(patch_size=4, hidden_dim=128, num_blocks=4, tokens_mlp_dim=64, channels_mlp_dim=64, dropout=0.2),
+    "nano": dict(patch_size=4, hidden_dim=128, num_blocks=8, tokens_mlp_dim=64, channels_mlp_dim=512, dropout=0.0),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    url: str  # https://, http://, file:// or a local path
+    md5: str = field(metadata=_check(lambda v: len(v) == 32 and all(c in "0123456789abcdef" for c in v),
+                                     "must be 32 lowercase hex digits"))
+    download_dir: Path  # cache of fetched archives, outside DVC
+    out_dir: Path  # the DVC-tracked prepared arrays
+    val_fraction: float = field(metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
+    split_seed: int = field(metadata=_non_negative())
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = field(metadata=_one_of(*MODEL_PRESETS))
+    patch_size: int = field(metadata=_positive())
+    hidden_dim: int = field(metadata=_positive())
+    num_blocks: int = field(metadata=_positive())
+    tokens_mlp_dim: int = field(metadata=_positive())
+    channels_mlp_dim: int = field(metadata=_positive())
+    dropout: float = field(metadata=_fraction())
+    image_size: int = IMAGE_SIZE
+    in_channels: int = IN_CHANNELS
+    num_classes: int = NUM_CLASSES
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool  # random horizontal flip, per image
+    zoom: float = field(metadata=_fraction())  # random zoom in [1 - zoom, 1 + zoom], per image
+    crop_padding: int = field(metadata=_non_negative())  # random shift of up to this many pixels
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(metadata=_positive())
+    batch_size: int = field(metadata=_positive())  # global: split evenly over the Ray workers
+    lr: float = field(metadata=_positive())  # for the global batch
+    weight_decay: float = field(metadata=_non_negative())
+    schedule: str = field(metadata=_one_of("plateau", "cosine"))
+    warmup_epochs: int = field(metadata=_non_negative())  # cosine only
+    plateau_factor: float = field(metadata=_check(lambda v: 0 < v < 1, "must be in (0, 1)"))
+    plateau_patience: int = field(metadata=_non_negative())  # epochs without val-loss gain
+    early_stopping_patience: int = field(metadata=_non_negative())  # 0 = never stop early
+    label_smoothing: float = field(metadata=_fraction())
+    augment: AugmentConfig
+    precision: str = field(metadata=_one_of("fp32", "bf16"))  # bf16 = autocast on CPU (AMX) and GPU
+    limit_train_batches: int = field(metadata=_non_negative())  # per epoch; 0 = no limit
+    limit_eval_batches: int = field(metadata=_non_negative())  # 0 = no limit
+    seed: int = field(metadata=_non_negative())
+    models_dir: Path  # the exported best model (a DVC out)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = field(metadata=_positive())
+    metrics_dir: Path
+    plots_dir: Path
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    num_workers: int = field(metadata=_positive())
+    use_gpu: bool
+    cpus_per_worker: float = field(metadata=_positive())
+    gpus_per_worker: float = field(metadata=_non_negative())
+    storage_path: str  # checkpoints; a local folder (made absolute) or a URI such as s3://...
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path  # the project folder that holds params.yaml
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    eval: EvalConfig
+    ray: RayConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain YAML/JSON-able values (paths as strings)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def load(params: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read params.yaml (default: ./params.yaml), apply `key.sub=value` overrides, validate."""
+    path = Path(params or PARAMS_FILE).resolve()
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: params file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    env = {"data.url": os.environ.get(ENV_DATA_URL), "data.md5": os.environ.get(ENV_DATA_MD5)}
+    for key, value in {**{k: v for k, v in env.items() if v}, **(overrides or {})}.items():
+        _set_dotted(raw, key, value)
+    return from_dict(raw, root=path.parent)
+
+
+def from_dict(raw: Mapping[str, Any], root: Path) -> Config:
+    """Validate a params mapping; `root` anchors relative paths."""
+    sections = {k: v for k, v in raw.items()}
+    model = sections.get("model")
+    if isinstance(model, dict):
+        # A preset fills every model field the params leave out.
+        preset = model.get("preset")
+        if preset in MODEL_PRESETS:
+            sections["model"] = {**MODEL_PRESETS[preset], **model}
+    config = _build(Config, {**sections, "root": str(root)}, prefix="", root=root.resolve())
+    if "://" not in config.data.url:  # a local archive, relative to the project like every path
+        local = str((config.root / config.data.url).resolve())
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, url=local))
+    if "://" not in config.ray.storage_path:
+        local = str((config.root / config.ray.storage_path).resolve())
+        config = dataclasses.replace(config, ray=dataclasses.replace(config.ray, storage_path=local))
+    return config
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["train.epochs=5", "model.preset=nano"]` -> {"train.epochs": 5, "model.preset": "nano"}."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        try:
+            overrides[key] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            overrides[key] = text
+    return overrides
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, root: Path) -> Any:
+    where = prefix.rstrip(".") or "params"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a section (mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
+    values: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            if f.default is not dataclasses.MISSING:
+                continue
+            raise ConfigError(f"{key}: missing")
+        value = _coerce(hints[name], raw[name], key, root)
+        check = f.metadata.get("check")
+        if check and not check[0](value):
+            raise ConfigError(f"{key}: {check[1]}, got {raw[name]!r}")
+        values[name] = value
+    config = cls(**values)
+    _cross_check(config, prefix)
+    return config
+
+
+def _coerce(kind: Any, value: Any, key: str, root: Path) -> Any:
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, f"{key}.", root)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        # PyYAML reads `1e-3` (no dot) as a string; accept it as the number it plainly is.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str) and value:
+            return value
+    elif kind is Path:
+        if isinstance(value, str) and value:
+            return (root / value).resolve()
+    elif isinstance(kind, types.UnionType):
+        raise TypeError(f"unsupported config type {kind}")
+    name = getattr(kind, "__name__", str(kind))
+    label = "a non-empty string" if kind in (str, Path) else f"a {name}"
+    raise ConfigError(f"{key}: expected {label}, got {value!r}")
+
+
+def _cross_check(config: Any, prefix: str) -> None:
+    """Rules that involve more than one field."""
+    if isinstance(config, ModelConfig) and config.image_size % config.patch_size:
+        raise ConfigError(f"{prefix}patch_size: must divide the image size {config.image_size}, "
+                          f"got {config.patch_size}")
+    if isinstance(config, RayConfig):
+        if config.use_gpu and config.gpus_per_worker <= 0:
+            raise ConfigError(f"{prefix}gpus_per_worker: must be > 0 when use_gpu is true, "
+                              f"got {config.gpus_per_worker}")
+    if isinstance(config, Config):
+        workers, batch = config.ray.num_workers, config.train.batch_size
+        if batch % workers:
+            raise ConfigError(f"train.batch_size: must be a multiple of ray.num_workers ({workers}) so "
+                              f"every worker gets the same share, got {batch}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -1,0 +1,347 @@
+"""The per-worker training loop (a plain function) and fit(): Ray Train's TorchTrainer around it.
+
+The loop talks to the outside world only through a `WorkerSession`: `RaySession` on a Ray Train
+worker, `LocalSession` in one process without Ray (benchmarks, quick tests). Every rank calls
+`report` once per epoch; only rank 0 writes checkpoints; the driver side observes the reports
+through Ray Train callbacks and never the workers' internals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import CheckpointConfig, RunConfig, ScalingConfig, UserCallback
+
+from mixer import data, export
+from mixer.augment import augment_batch, normalize
+from mixer.config import Config
+from mixer.evaluation import topk_correct
+from mixer.model import build_model
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class WorkerSession(Protocol):
+    """What the loop needs from its runtime: who it is, where it runs, how it reports."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+
+    def latest_checkpoint(self) -> dict[str, Any] | None: ...
+
+    def report(self, metrics: dict[str, float], checkpoint: dict[str, Any] | None) -> None: ...
+
+
+def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[float],
+               std: Sequence[float], session: WorkerSession) -> None:
+    """Train on this rank's shard, evaluate val across ranks, report and checkpoint every epoch."""
+    t = cfg.train
+    device = session.device
+    torch.manual_seed(t.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    raw_model = build_model(cfg.model).to(device)
+    model = session.prepare_model(raw_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+    global_batches = len(train) // t.batch_size  # the last partial batch is dropped: equal steps on all ranks
+    steps_per_epoch = min(global_batches, t.limit_train_batches or global_batches)
+    scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
+    state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "history": []}
+
+    resumed = session.latest_checkpoint()
+    if resumed is not None:
+        raw_model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        state = resumed["state"]
+
+    train_images = torch.as_tensor(np.array(train.images), device=device)  # (N, H, W, C) uint8, resident
+    train_labels = torch.as_tensor(train.fine_labels, device=device)
+    local_batch = t.batch_size // session.world_size
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+
+    for epoch in range(state["epoch"], t.epochs):
+        started = time.perf_counter()
+        # Every source of randomness derives from (seed, epoch, rank), so a resumed run replays
+        # exactly what an uninterrupted one would have done, with no RNG state to save.
+        torch.manual_seed(_seed(t.seed, epoch, session.rank))  # dropout
+        augment_rng = torch.Generator(device).manual_seed(_seed(t.seed, epoch, session.rank))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(_seed(t.seed, epoch)))
+        shard = order[: global_batches * t.batch_size][session.rank :: session.world_size].to(device)
+
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, top-1 hits, n
+        for step in range(steps_per_epoch):
+            idx = shard[step * local_batch : (step + 1) * local_batch]
+            x = augment_batch(normalize(train_images[idx], mean, std), t.augment, augment_rng)
+            y = train_labels[idx]
+            with autocast:
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if t.schedule == "cosine":
+                scheduler.step()
+            # Accumulate on the device: no host sync per step.
+            sums[0] += loss.detach() * len(y)
+            sums[1] += (logits.argmax(1) == y).sum()
+            sums[2] += len(y)
+        _all_reduce_sum(sums)
+        val_loss, val_top1, val_top5 = _validate(raw_model, val, mean, std, cfg, session)
+
+        if t.schedule == "plateau":
+            scheduler.step(val_loss)
+        if val_loss < state["best_val_loss"]:
+            state["best_val_loss"], state["bad_epochs"] = val_loss, 0
+        else:
+            state["bad_epochs"] += 1
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": float(sums[0] / sums[2]),
+            "train_top1": float(sums[1] / sums[2]),
+            "val_loss": val_loss,
+            "val_top1": val_top1,
+            "val_top5": val_top5,
+            "lr": lr,
+            "epoch_seconds": time.perf_counter() - started,
+            # Per rank: equal on every rank when DDP keeps the replicas in step.
+            "weights_checksum": _checksum(raw_model),
+        }
+        state = {**state, "epoch": epoch + 1, "history": [*state["history"], metrics]}
+        stop = t.early_stopping_patience > 0 and state["bad_epochs"] >= t.early_stopping_patience
+        checkpoint = None
+        if session.rank == 0:
+            checkpoint = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "state": state}
+        session.report({**metrics, "early_stopped": stop}, checkpoint)
+        if stop:
+            break
+
+
+@torch.no_grad()
+def _validate(model: nn.Module, val: data.Split, mean: Sequence[float], std: Sequence[float], cfg: Config,
+              session: WorkerSession) -> tuple[float, float, float]:
+    """Loss, top-1 and top-5 on the val split, each rank scoring its slice, summed across ranks."""
+    model.eval()
+    device = session.device
+    rows = np.arange(session.rank, len(val), session.world_size)
+    batch = cfg.eval.batch_size
+    batches = math.ceil(len(rows) / batch)
+    if cfg.train.limit_eval_batches:
+        batches = min(batches, cfg.train.limit_eval_batches)
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss * n, top-1 hits, top-5 hits, n
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    for b in range(batches):
+        take = rows[b * batch : (b + 1) * batch]
+        x = normalize(torch.as_tensor(val.images[take], device=device), mean, std)
+        y = torch.as_tensor(val.fine_labels[take], device=device)
+        with autocast:
+            logits = model(x).float()
+        sums += torch.tensor([float(F.cross_entropy(logits, y, reduction="sum")), topk_correct(logits, y, 1),
+                              topk_correct(logits, y, 5), len(y)], dtype=sums.dtype, device=device)
+    _all_reduce_sum(sums)
+    n = max(float(sums[3]), 1.0)
+    return float(sums[0]) / n, float(sums[1]) / n, float(sums[2]) / n
+
+
+def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
+    t = cfg.train
+    if t.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=t.plateau_factor,
+                                                          patience=t.plateau_patience)
+    warmup = t.warmup_epochs * steps_per_epoch  # in optimizer steps
+    total = max(t.epochs * steps_per_epoch, warmup + 1)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _checksum(model: nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().sum() for p in model.parameters()))
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+# --- runtimes -------------------------------------------------------------------------------
+
+
+class RaySession:
+    """A Ray Train worker: rank, device, DDP and checkpoints from ray.train."""  # Ray-specific
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP when world > 1
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return _read_checkpoint(Path(folder))
+
+    def report(self, metrics: dict[str, float], checkpoint: dict[str, Any] | None) -> None:
+        if checkpoint is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(checkpoint, Path(folder) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+@dataclass
+class LocalSession:
+    """One process, no Ray: for benchmarks and tests of the loop itself."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        self.reports: list[dict[str, float]] = []
+        self.last_checkpoint: dict[str, Any] | None = None
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        return self.last_checkpoint
+
+    def report(self, metrics: dict[str, float], checkpoint: dict[str, Any] | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint is not None:
+            self.last_checkpoint = checkpoint
+
+
+def _ray_worker(loop_config: dict[str, Any]) -> None:
+    """The function Ray Train runs on every worker."""  # Ray-specific
+    train_split, val_split = ray.get([loop_config["train"], loop_config["val"]])
+    train_loop(loop_config["config"], train_split, val_split, loop_config["mean"], loop_config["std"],
+               RaySession())
+
+
+def _read_checkpoint(folder: Path) -> dict[str, Any]:
+    return torch.load(folder / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+# --- the driver -----------------------------------------------------------------------------
+
+
+class ProgressPrinter(UserCallback):
+    """One console line per epoch, printed on the Ray Train controller from rank 0's report."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        m = metrics[0]
+        print(f"epoch {m['epoch']:>3}/{self.epochs}  train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2%}"
+              f"  val loss {m['val_loss']:.4f} top1 {m['val_top1']:.2%} top5 {m['val_top5']:.2%}"
+              f"  lr {m['lr']:.2e}  {m['epoch_seconds']:.1f}s", flush=True)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    models_dir: Path
+    best_epoch: int
+    history: list[dict[str, float]]
+
+
+def fit(cfg: Config, callbacks: Sequence[UserCallback] = ()) -> FitResult:
+    """Train with Ray Train on `cfg.ray.num_workers` workers; export the best epoch to models_dir."""
+    train_split = data.load_split(cfg.data.out_dir, "train")
+    val_split = data.load_split(cfg.data.out_dir, "val")
+    meta = data.load_meta(cfg.data.out_dir)
+    if not ray.is_initialized():
+        ray.init(address=None, log_to_driver=True)  # RAY_ADDRESS, when set, reaches a cluster
+    _check_resources(cfg)
+
+    # The arrays travel through the object store: workers on any node read them without a shared path.
+    loop_config = {"config": cfg, "train": ray.put(train_split), "val": ray.put(val_split),
+                   "mean": meta["mean"], "std": meta["std"]}
+    trainer = ray.train.torch.TorchTrainer(
+        _ray_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
+                                  **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=f"mixer-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}",
+            storage_path=cfg.ray.storage_path,
+            # Keeps the best epoch by val loss; Ray always keeps the latest as well, for restarts.
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+            callbacks=[ProgressPrinter(cfg.train.epochs), *callbacks],
+        ),
+    )
+    result = trainer.fit()
+    with _checkpoint_dir(result.checkpoint) as folder:
+        history = _read_checkpoint(folder)["state"]["history"]
+    best = result.get_best_checkpoint(metric="val_loss", mode="min")
+    with _checkpoint_dir(best) as folder:
+        best_state = _read_checkpoint(folder)
+    best_epoch = best_state["state"]["epoch"]
+    export.save(cfg.train.models_dir, best_state["model"], cfg.model, meta["mean"], meta["std"],
+                info={"best_epoch": best_epoch, "epochs_run": len(history), "history": history,
+                      "num_workers": cfg.ray.num_workers, "device": "cuda" if cfg.ray.use_gpu else "cpu",
+                      "precision": cfg.train.precision})
+    return FitResult(models_dir=cfg.train.models_dir, best_epoch=best_epoch, history=history)
+
+
+@contextlib.contextmanager
+def _checkpoint_dir(checkpoint: ray.train.Checkpoint | None) -> Iterator[Path]:
+    if checkpoint is None:
+        raise RuntimeError("training reported no checkpoint")
+    with checkpoint.as_directory() as folder:
+        yield Path(folder)
+
+
+def _check_resources(cfg: Config) -> None:
+    """Fail at start, not after a silent wait for resources that will never appear."""
+    available = ray.cluster_resources()
+    if cfg.ray.use_gpu and available.get("GPU", 0) < cfg.ray.num_workers * cfg.ray.gpus_per_worker:
+        raise RuntimeError(f"ray.use_gpu is true but the Ray cluster has {available.get('GPU', 0):g} GPUs "
+                           f"for {cfg.ray.num_workers} workers; set ray.use_gpu=false or add GPU nodes")
+    cpus = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    if available.get("CPU", 0) < cpus:
+        raise RuntimeError(f"ray.num_workers x ray.cpus_per_worker = {cpus:g} CPUs, but the Ray cluster has "
+                           f"{available.get('CPU', 0):g}; lower them")

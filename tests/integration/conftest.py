@@ -1,0 +1,39 @@
+"""Prepared synthetic data and small configs for the tests that train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mixer import config, data
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_config(tmp: Path, data_dir: Path, **overrides: Any) -> config.Config:
+    """The project's params with everything small and every output under `tmp`."""
+    return config.load(REPO / "params.yaml", {
+        "data.out_dir": str(data_dir),
+        "train.epochs": 3,
+        "train.batch_size": 64,
+        "train.models_dir": str(tmp / "models"),
+        "eval.batch_size": 250,
+        "eval.metrics_dir": str(tmp / "metrics"),
+        "eval.plots_dir": str(tmp / "plots"),
+        "ray.num_workers": 2,
+        "ray.cpus_per_worker": 1,
+        "ray.storage_path": str(tmp / "ray_results"),
+        **overrides,
+    })
+
+
+@pytest.fixture(scope="session")
+def prepared_data(synthetic_archive: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic archive ingested once for the session."""
+    archive, md5 = synthetic_archive
+    out = tmp_path_factory.mktemp("prepared") / "cifar100"
+    cfg = config.load(REPO / "params.yaml", {"data.url": str(archive), "data.md5": md5,
+                                              "data.out_dir": str(out)})
+    return data.ingest(cfg.data)
