@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Under `uv run`, Ray would build a fresh uv environment for its workers from the working
+    # folder (tens of seconds per run); workers here use the installed environment instead.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     args = _parser().parse_args(argv)
     command, _ = COMMANDS[args.command]
     try:

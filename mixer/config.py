@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -184,17 +183,18 @@ def from_dict(raw: Mapping[str, Any], root: Path) -> Config:
     return config
 
 
+class OverrideText(str):
+    """A command-line value: read as the type of the key it sets (so md5 `0123...` stays a string)."""
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`["train.epochs=5", "model.preset=nano"]` -> {"train.epochs": 5, "model.preset": "nano"}."""
+    """`["train.epochs=5", "model.preset=nano"]` -> {"train.epochs": "5", "model.preset": "nano"}."""
     overrides: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: expected key.sub=value")
-        try:
-            overrides[key] = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            overrides[key] = text
+        overrides[key] = OverrideText(text)
     return overrides
 
 
@@ -230,7 +230,8 @@ def _build(cls: type, raw: Any, prefix: str, root: Path) -> Any:
         value = _coerce(hints[name], raw[name], key, root)
         check = f.metadata.get("check")
         if check and not check[0](value):
-            raise ConfigError(f"{key}: {check[1]}, got {raw[name]!r}")
+            typed = raw[name]
+            raise ConfigError(f"{key}: {check[1]}, got {typed if isinstance(typed, OverrideText) else repr(typed)}")
         values[name] = value
     config = cls(**values)
     _cross_check(config, prefix)
@@ -238,6 +239,8 @@ def _build(cls: type, raw: Any, prefix: str, root: Path) -> Any:
 
 
 def _coerce(kind: Any, value: Any, key: str, root: Path) -> Any:
+    if isinstance(value, OverrideText):
+        value = str(value) if kind in (str, Path) else _yaml_scalar(value)
     if dataclasses.is_dataclass(kind):
         return _build(kind, value, f"{key}.", root)
     if kind is bool:
@@ -261,11 +264,15 @@ def _coerce(kind: Any, value: Any, key: str, root: Path) -> Any:
     elif kind is Path:
         if isinstance(value, str) and value:
             return (root / value).resolve()
-    elif isinstance(kind, types.UnionType):
-        raise TypeError(f"unsupported config type {kind}")
-    name = getattr(kind, "__name__", str(kind))
-    label = "a non-empty string" if kind in (str, Path) else f"a {name}"
-    raise ConfigError(f"{key}: expected {label}, got {value!r}")
+    expected = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, "a non-empty string")
+    raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def _yaml_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _cross_check(config: Any, prefix: str) -> None:

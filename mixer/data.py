@@ -100,13 +100,14 @@ def ingest(cfg: DataConfig) -> Path:
         "counts": {name: len(split) for name, split in splits.items()},
         "mean": mean,  # per channel (R, G, B), pixel/255, of the train split after the hold-out
         "std": std,
-        "source_md5": cfg.md5,
+        # No archive checksum here: two archives with the same pixels and labels must give the
+        # same bytes, hence the same DVC data version. The verified md5 is data.md5 in dvc.lock.
     }
     with atomic_dir(cfg.out_dir) as tmp:
         for name, split in splits.items():
             _write_npz(tmp / f"{name}.npz", split)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    log.info("ingested %s -> %s (%s)", cfg.url, cfg.out_dir, meta["counts"])
+    log.info("ingested %s (md5 %s) -> %s (%s)", cfg.url, cfg.md5, cfg.out_dir, meta["counts"])
     return cfg.out_dir
 
 
@@ -132,7 +133,7 @@ def load_split(out_dir: Path, name: str) -> Split:
 
 
 def load_meta(out_dir: Path) -> dict[str, Any]:
-    """meta.json: label names, counts, mean/std (pixel/255 units) and source_md5."""
+    """meta.json: label names, counts, mean/std (pixel/255 units)."""
     path = Path(out_dir) / META_FILE
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))

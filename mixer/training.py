@@ -73,8 +73,9 @@ def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[f
         scheduler.load_state_dict(resumed["scheduler"])
         state = resumed["state"]
 
-    train_images = torch.as_tensor(np.array(train.images), device=device)  # (N, H, W, C) uint8, resident
-    train_labels = torch.as_tensor(train.fine_labels, device=device)
+    # Copies: arrays from the Ray object store are read-only. (N, H, W, C) uint8, resident on the device.
+    train_images = torch.as_tensor(np.array(train.images), device=device)
+    train_labels = torch.as_tensor(np.array(train.fine_labels), device=device)
     local_batch = t.batch_size // session.world_size
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
 

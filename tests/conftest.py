@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def ray_session() -> Iterator[str]:
     Subprocesses (`mixer train` under `dvc repro`) join it through RAY_ADDRESS instead of starting
     their own.
     """
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as the `mixer` CLI does
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)

@@ -79,3 +79,18 @@ def test_repro_runs_the_pipeline_then_skips_unchanged_stages(project: tuple[Path
     assert "top1" in shown
     _dvc(root, env, "plots", "show", "-o", "dvc_plots")
     assert (root / "dvc_plots" / "index.html").is_file()
+
+
+def test_push_stores_the_data_version_and_pull_restores_it(project: tuple[Path, dict[str, str]],
+                                                           tmp_path: Path) -> None:
+    root, env = project
+    _dvc(root, env, "repro", "ingest")
+    prepared = {p.name: p.read_bytes() for p in (root / "data" / "cifar100").iterdir()}
+
+    _dvc(root, env, "remote", "add", "-d", "storage", str(tmp_path / "remote"))  # the one set-up step
+    _dvc(root, env, "push")
+    shutil.rmtree(root / "data" / "cifar100")
+    shutil.rmtree(root / ".dvc" / "cache")
+    _dvc(root, env, "pull", "ingest")
+
+    assert {p.name: p.read_bytes() for p in (root / "data" / "cifar100").iterdir()} == prepared

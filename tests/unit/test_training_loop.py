@@ -1,0 +1,71 @@
+"""The per-worker loop without Ray (LocalSession): it learns, and a resumed run replays the same epochs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixer import config, data
+from mixer.training import LocalSession, train_loop
+
+PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+@pytest.fixture(scope="module")
+def splits(synthetic_archive: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory):
+    archive, md5 = synthetic_archive
+    cfg = config.load(PARAMS, {"data.url": str(archive), "data.md5": md5,
+                               "data.out_dir": str(tmp_path_factory.mktemp("loop") / "cifar100")})
+    out = data.ingest(cfg.data)
+    meta = data.load_meta(out)
+    return data.load_split(out, "train"), data.load_split(out, "val"), meta["mean"], meta["std"]
+
+
+def small(epochs: int, **overrides: object) -> config.Config:
+    return config.load(PARAMS, {"train.epochs": epochs, "train.batch_size": 64, "train.limit_train_batches": 6,
+                                "eval.batch_size": 200,
+                                "model.dropout": 0.0,  # dropout's masks are most of a CPU step; not under test here
+                                **overrides})
+
+
+def run(cfg: config.Config, splits, session: LocalSession | None = None) -> LocalSession:
+    session = session or LocalSession(device=torch.device("cpu"))
+    train_loop(cfg, *splits, session)
+    return session
+
+
+def without_time(reports: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in reports]
+
+
+def test_loss_falls_and_every_epoch_reports(splits) -> None:
+    session = run(small(2, **{"train.limit_train_batches": 0}), splits)
+    assert [r["epoch"] for r in session.reports] == [1, 2]
+    assert session.reports[-1]["train_loss"] < session.reports[0]["train_loss"]
+    assert session.reports[-1]["val_top1"] > 0.05  # chance is 0.01
+
+
+def test_a_resumed_run_replays_the_uninterrupted_one(splits) -> None:
+    straight = run(small(3), splits)
+
+    interrupted = run(small(1), splits)  # "dies" after epoch 1, leaving its checkpoint
+    resumed = LocalSession(device=torch.device("cpu"))
+    resumed.last_checkpoint = copy.deepcopy(interrupted.last_checkpoint)
+    run(small(3), splits, resumed)
+
+    assert [r["epoch"] for r in resumed.reports] == [2, 3]
+    assert without_time(interrupted.reports + resumed.reports) == without_time(straight.reports)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"train.schedule": "cosine", "train.warmup_epochs": 1, "train.label_smoothing": 0.1},
+    {"train.augment.crop_padding": 4, "train.precision": "bf16"},
+])
+def test_selectable_recipe_parts_train(splits, overrides: dict) -> None:
+    session = run(small(2, **overrides), splits)
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in session.reports)
+    if overrides.get("train.schedule") == "cosine":
+        assert session.reports[0]["lr"] < session.reports[1]["lr"]  # still warming up at the start of epoch 1
