@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixer import config
@@ -28,9 +31,10 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
     from mixer import training
 
     result = training.fit(cfg)
-    best = result.history[result.best_epoch - 1]
+    best = result.best
     print(f"best epoch {result.best_epoch}/{len(result.history)}: val top1 {best['val_top1']:.2%} "
-          f"top5 {best['val_top5']:.2%} loss {best['val_loss']:.4f} -> {result.models_dir}")
+          f"top5 {best['val_top5']:.2%} loss {best['val_loss']:.4f} -> {result.models_dir} "
+          f"(MLflow run {result.run_id})")
 
 
 def _evaluate(cfg: Config, args: argparse.Namespace) -> None:
@@ -39,6 +43,67 @@ def _evaluate(cfg: Config, args: argparse.Namespace) -> None:
     metrics = reports.evaluate_models(cfg, models_dir=args.weights)
     print(f"test top1 {metrics['top1']:.2%} top5 {metrics['top5']:.2%} loss {metrics['loss']:.4f} "
           f"({metrics['count']} images) -> {cfg.eval.metrics_dir / 'eval.json'}")
+
+
+def _register(cfg: Config, args: argparse.Namespace) -> None:
+    from mixer import publish, registry, versioning
+
+    if args.best:
+        info = registry.register_best(cfg, versioning.data_version(cfg.root, cfg.data.out_dir))
+        if info is None:
+            raise registry.RegistryError("no finished training run with a logged model on this data version; "
+                                         "run `mixer train` first")
+        publish.write_registered(cfg, info)
+    else:
+        info = publish.register_models(cfg)
+    state = "registered" if info.created else "already registered as"
+    print(f"{state} {cfg.mlflow.registered_model} version {info.version} (run {info.run_id}) "
+          f"aliases: {', '.join(info.aliases) or '-'}")
+
+
+def _promote(cfg: Config, args: argparse.Namespace) -> None:
+    from mixer import registry
+
+    _show_promotion(registry.promote(cfg, version=args.version, force=args.force))
+
+
+def _rollback(cfg: Config, args: argparse.Namespace) -> None:
+    from mixer import registry
+
+    _show_promotion(registry.rollback(cfg))
+
+
+def _show_promotion(promotion: object) -> None:
+    print(promotion.table())  # type: ignore[attr-defined]
+    print(promotion.reason)  # type: ignore[attr-defined]
+
+
+def _lineage(cfg: Config, args: argparse.Namespace) -> None:
+    from mixer import registry
+
+    print(registry.lineage(cfg, args.reference, workspace=cfg))
+
+
+def _predict(cfg: Config, args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from mixer import registry, serving
+
+    images = np.stack([serving.read_image(path) for path in args.images])  # check every file first
+    model = serving.load(registry.load_uri(cfg, str(args.version) if args.version else "champion"))
+    for path, top in zip(args.images, serving.top_k(model, images), strict=True):
+        print(f"{path}: " + ", ".join(f"{label} {p:.1%}" for label, p in top))
+
+
+def _server(cfg: Config, args: argparse.Namespace) -> None:
+    uri = cfg.mlflow.tracking_uri
+    if not uri.startswith("sqlite:"):
+        raise config.ConfigError(f"mlflow.tracking_uri: the server serves the project's SQLite store, got {uri}")
+    # No artifact proxying: runs record file:// artifact paths that direct SQLite clients read too.
+    argv = ["mlflow", "server", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port),
+            "--default-artifact-root", cfg.mlflow.artifact_root.as_uri(), "--no-serve-artifacts"]
+    print(" ".join(argv), flush=True)
+    os.execv(shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow"), argv)
 
 
 def _info(cfg: Config, args: argparse.Namespace) -> None:
@@ -51,25 +116,72 @@ def _info(cfg: Config, args: argparse.Namespace) -> None:
     print(f"forward FLOPs per image {forward_flops(m) / 1e6:.1f} M")
 
 
-COMMANDS: dict[str, tuple[Callable[[Config, argparse.Namespace], None], str]] = {
-    "ingest": (_ingest, "fetch, verify and convert CIFAR-100 into data.out_dir"),
-    "train": (_train, "train with Ray Train; export the best epoch to train.models_dir"),
-    "evaluate": (_evaluate, "score the exported model on the test split; write metrics and plots"),
-    "info": (_info, "parameters and FLOPs of the configured model"),
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[Config, argparse.Namespace], None]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None] = field(default=lambda parser: None)
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, default=None, help="an exported model folder (default: train.models_dir)")
+
+
+def _register_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--best", action="store_true",
+                        help="register the run with the best val top-1 on this data version instead of models/")
+
+
+def _promote_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", type=int, default=None, help="promote this version (default: the challenger)")
+    parser.add_argument("--force", action="store_true", help="skip the test top-1 gate")
+
+
+def _lineage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("reference", nargs="?", default="champion", help="a version number or an alias")
+
+
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files, any size")
+    parser.add_argument("--version", type=int, default=None, help="a registered version (default: the champion)")
+
+
+def _server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+
+
+COMMANDS: dict[str, Command] = {
+    "ingest": Command(_ingest, "fetch, verify and convert CIFAR-100 into data.out_dir"),
+    "train": Command(_train, "train with Ray Train, tracked in MLflow; export the best epoch to train.models_dir"),
+    "evaluate": Command(_evaluate, "score the exported model on the test split; write metrics and plots",
+                        _evaluate_arguments),
+    "register": Command(_register, "register the model in models/ as a new version @challenger",
+                        _register_arguments),
+    "promote": Command(_promote, "move @champion to the challenger if its test top-1 is higher", _promote_arguments),
+    "rollback": Command(_rollback, "give @champion back to @previous-champion"),
+    "lineage": Command(_lineage, "where a registered version came from and how to reproduce it",
+                       _lineage_arguments),
+    "predict": Command(_predict, "top-5 labels of images from the champion (or a version)", _predict_arguments),
+    "server": Command(_server, "the MLflow server and UI over the project's store, on 127.0.0.1",
+                      _server_arguments),
+    "info": Command(_info, "parameters and FLOPs of the configured model"),
 }
+
+
+# `key.sub=value` anywhere on the line is an override; everything else is for argparse.
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixer", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, (_, help_text) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override params.yaml")
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.help,
+                                  epilog="Any key.sub=value argument overrides params.yaml for this run.")
+        command.arguments(sub)
         sub.add_argument("--params", type=Path, default=None, help="params file (default: ./params.yaml)")
         sub.add_argument("--debug", action="store_true", help="show the traceback of an error")
-        if name == "evaluate":
-            sub.add_argument("--weights", type=Path, default=None,
-                             help="an exported model folder (default: train.models_dir)")
     return parser
 
 
@@ -77,11 +189,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Under `uv run`, Ray would build a fresh uv environment for its workers from the working
     # folder (tens of seconds per run); workers here use the installed environment instead.
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    args = _parser().parse_args(argv)
-    command, _ = COMMANDS[args.command]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [item for item in argv if OVERRIDE.match(item)]
+    args = _parser().parse_args([item for item in argv if not OVERRIDE.match(item)])
+    command = COMMANDS[args.command]
     try:
-        cfg = config.load(args.params, config.parse_overrides(args.overrides))
-        command(cfg, args)
+        cfg = config.load(args.params, config.parse_overrides(overrides))
+        command.run(cfg, args)
     except KeyboardInterrupt:
         print("mixer: interrupted", file=sys.stderr)
         return 130

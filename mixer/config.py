@@ -22,6 +22,8 @@ PARAMS_FILE = "params.yaml"
 # Air-gapped machines point ingestion at a mirror without editing the versioned params.
 ENV_DATA_URL = "MIXER_DATA_URL"
 ENV_DATA_MD5 = "MIXER_DATA_MD5"
+# MLflow's own variable: a tracking server (http://...) instead of the project's SQLite file.
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 
 
 class ConfigError(ValueError):
@@ -131,6 +133,16 @@ class RayConfig:
     cpus_per_worker: float = field(metadata=_positive())
     gpus_per_worker: float = field(metadata=_non_negative())
     storage_path: str  # checkpoints; a local folder (made absolute) or a URI such as s3://...
+    max_failures: int = field(metadata=_check(lambda v: v >= -1, "must be >= -1 (-1 = retry forever)"))
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    tracking_uri: str  # sqlite:///<file> (relative to the project) or http(s)://server
+    artifact_root: Path  # where experiments created here keep artifacts (file:// for every client)
+    experiment: str  # training runs
+    eval_experiment: str  # scheduled evaluations of the champion
+    registered_model: str
 
 
 @dataclass(frozen=True)
@@ -141,6 +153,7 @@ class Config:
     train: TrainConfig
     eval: EvalConfig
     ray: RayConfig
+    mlflow: MlflowConfig
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML/JSON-able values (paths as strings)."""
@@ -158,7 +171,8 @@ def load(params: Path | str | None = None, overrides: Mapping[str, Any] | None =
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    env = {"data.url": os.environ.get(ENV_DATA_URL), "data.md5": os.environ.get(ENV_DATA_MD5)}
+    env = {"data.url": os.environ.get(ENV_DATA_URL), "data.md5": os.environ.get(ENV_DATA_MD5),
+           "mlflow.tracking_uri": os.environ.get(ENV_TRACKING_URI)}
     for key, value in {**{k: v for k, v in env.items() if v}, **(overrides or {})}.items():
         _set_dotted(raw, key, value)
     return from_dict(raw, root=path.parent)
@@ -180,6 +194,10 @@ def from_dict(raw: Mapping[str, Any], root: Path) -> Config:
     if "://" not in config.ray.storage_path:
         local = str((config.root / config.ray.storage_path).resolve())
         config = dataclasses.replace(config, ray=dataclasses.replace(config.ray, storage_path=local))
+    uri = config.mlflow.tracking_uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):  # relative: anchor it
+        absolute = f"sqlite:///{(config.root / uri.removeprefix('sqlite:///')).resolve()}"
+        config = dataclasses.replace(config, mlflow=dataclasses.replace(config.mlflow, tracking_uri=absolute))
     return config
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mixer.atomic import atomic_dir
+from mixer.atomic import atomic_dir, atomic_write_text
 from mixer.config import ModelConfig
 from mixer.model import MlpMixer, build_model
 
@@ -50,6 +50,20 @@ def save(folder: Path, state_dict: Mapping[str, torch.Tensor], config: ModelConf
         torch.save(payload, tmp / WEIGHTS_FILE)
         summary = {"model_config": payload["model_config"], "mean": payload["mean"], "std": payload["std"], **info}
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def read_summary(folder: Path) -> dict[str, Any]:
+    """train.json alone (no weights loaded)."""
+    path = folder / SUMMARY_FILE
+    if not path.is_file():
+        raise ExportError(f"{path}: no exported model; run `mixer train` (or `dvc repro train`) first")
+    return json.loads(path.read_text())
+
+
+def annotate(folder: Path, **fields: Any) -> None:
+    """Add fields to the summary (e.g. the MLflow model URI, known only after the export)."""
+    summary = {**read_summary(folder), **fields}
+    atomic_write_text(folder / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
 def load(folder: Path) -> Exported:

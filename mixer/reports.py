@@ -15,11 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixer import data, export, plots, versioning
+from mixer import data, export, plots, tracking, versioning
 from mixer.atomic import atomic_write_text
 from mixer.config import Config
 from mixer.evaluation import evaluate
 
+PLOT_FILES = ("training.csv", "per_class_accuracy.csv", "training_curves.png", "confusion_matrix.png")
 CURVE_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")
 
 
@@ -49,6 +50,10 @@ def evaluate_models(cfg: Config, models_dir: Path | None = None) -> dict[str, An
         [name, round(float(acc), 6)] for name, acc in zip(names, result.per_class, strict=True)]))
     plots.training_curves_png(history, cfg.eval.plots_dir / "training_curves.png")
     plots.confusion_matrix_png(result.confusion, cfg.eval.plots_dir / "confusion_matrix.png", names)
+    run_id = exported.summary.get("mlflow_run_id")
+    if run_id:  # the training run of this model: evaluation attaches to it
+        tracking.log_evaluation(cfg, run_id, metrics, [
+            cfg.eval.metrics_dir / "eval.json", *(cfg.eval.plots_dir / name for name in PLOT_FILES)])
     return metrics
 
 

@@ -12,7 +12,7 @@ import contextlib
 import math
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,9 +26,9 @@ from torch import nn
 import ray
 import ray.train
 import ray.train.torch
-from ray.train import CheckpointConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 
-from mixer import data, export
+from mixer import data, export, serving, tracking, versioning
 from mixer.augment import augment_batch, normalize
 from mixer.config import Config
 from mixer.evaluation import topk_correct
@@ -264,17 +264,31 @@ def _read_checkpoint(folder: Path) -> dict[str, Any]:
 # --- the driver -----------------------------------------------------------------------------
 
 
-class ProgressPrinter(UserCallback):
-    """One console line per epoch, printed on the Ray Train controller from rank 0's report."""
+class ProgressLine:
+    """One console line per epoch."""
 
     def __init__(self, epochs: int) -> None:
         self.epochs = epochs
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        m = metrics[0]
+    def __call__(self, m: dict[str, Any]) -> None:
         print(f"epoch {m['epoch']:>3}/{self.epochs}  train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2%}"
               f"  val loss {m['val_loss']:.4f} top1 {m['val_top1']:.2%} top5 {m['val_top5']:.2%}"
               f"  lr {m['lr']:.2e}  {m['epoch_seconds']:.1f}s", flush=True)
+
+
+class OnEpoch(UserCallback):
+    """Hands rank 0's report of each epoch to plain callables, on the Ray Train controller.
+
+    The controller runs beside the driver, so MLflow logging here needs no route from the workers
+    to the tracking store.
+    """  # Ray-specific
+
+    def __init__(self, *handlers: Callable[[dict[str, Any]], None]) -> None:
+        self.handlers = handlers
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        for handler in self.handlers:
+            handler(metrics[0])
 
 
 @dataclass(frozen=True)
@@ -282,17 +296,49 @@ class FitResult:
     models_dir: Path
     best_epoch: int
     history: list[dict[str, float]]
+    run_id: str  # the MLflow run
+    model_uri: str  # the logged MLflow model of the best epoch
+
+    @property
+    def best(self) -> dict[str, float]:
+        return self.history[self.best_epoch - 1]
 
 
 def fit(cfg: Config, callbacks: Sequence[UserCallback] = ()) -> FitResult:
-    """Train with Ray Train on `cfg.ray.num_workers` workers; export the best epoch to models_dir."""
+    """Train with Ray Train, tracked as one MLflow run; export the best epoch to models_dir and log it."""
     train_split = data.load_split(cfg.data.out_dir, "train")
     val_split = data.load_split(cfg.data.out_dir, "val")
     meta = data.load_meta(cfg.data.out_dir)
     if not ray.is_initialized():
         ray.init(address=None, log_to_driver=True)  # RAY_ADDRESS, when set, reaches a cluster
     _check_resources(cfg)
+    device = "cuda" if cfg.ray.use_gpu else "cpu"
+    data_version = versioning.data_version(cfg.root, cfg.data.out_dir)
+    run_id = tracking.start_training_run(cfg, data_version, device)
+    try:
+        on_epoch = OnEpoch(ProgressLine(cfg.train.epochs), tracking.EpochLog(cfg.mlflow.tracking_uri, run_id))
+        best_state, history = _train_on_ray(cfg, train_split, val_split, meta, [on_epoch, *callbacks])
+        best_epoch = best_state["state"]["epoch"]
+        export.save(cfg.train.models_dir, best_state["model"], cfg.model, meta["mean"], meta["std"], info={
+            "best_epoch": best_epoch, "epochs_run": len(history), "history": history,
+            "num_workers": cfg.ray.num_workers, "device": device, "precision": cfg.train.precision,
+            "class_names": meta["fine_label_names"], "data_version": data_version, "mlflow_run_id": run_id})
+        with tracking.active(cfg, run_id):
+            model_uri = serving.log_model(cfg.train.models_dir, val_split.images[:2])
+        export.annotate(cfg.train.models_dir, mlflow_model_uri=model_uri)
+        best = history[best_epoch - 1]
+        tracking.finish_training_run(cfg, run_id, {"best_val_top1": best["val_top1"],
+                                                   "best_val_loss": best["val_loss"], "best_epoch": best_epoch},
+                                     cfg.train.models_dir, model_uri)
+    except BaseException:
+        tracking.fail_run(cfg, run_id)
+        raise
+    return FitResult(cfg.train.models_dir, best_epoch, history, run_id, model_uri)
 
+
+def _train_on_ray(cfg: Config, train_split: data.Split, val_split: data.Split, meta: dict[str, Any],
+                  callbacks: list[UserCallback]) -> tuple[dict[str, Any], list[dict[str, float]]]:
+    """Run the TorchTrainer; returns (best checkpoint by val loss, the full per-epoch history)."""
     # The arrays travel through the object store: workers on any node read them without a shared path.
     loop_config = {"config": cfg, "train": ray.put(train_split), "val": ray.put(val_split),
                    "mean": meta["mean"], "std": meta["std"]}
@@ -311,21 +357,16 @@ def fit(cfg: Config, callbacks: Sequence[UserCallback] = ()) -> FitResult:
             # Keeps the best epoch by val loss; Ray always keeps the latest as well, for restarts.
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
-            callbacks=[ProgressPrinter(cfg.train.epochs), *callbacks],
+            # A dead worker restarts the group from the latest checkpoint (train_loop resumes).
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()
     with _checkpoint_dir(result.checkpoint) as folder:
         history = _read_checkpoint(folder)["state"]["history"]
-    best = result.get_best_checkpoint(metric="val_loss", mode="min")
-    with _checkpoint_dir(best) as folder:
-        best_state = _read_checkpoint(folder)
-    best_epoch = best_state["state"]["epoch"]
-    export.save(cfg.train.models_dir, best_state["model"], cfg.model, meta["mean"], meta["std"],
-                info={"best_epoch": best_epoch, "epochs_run": len(history), "history": history,
-                      "num_workers": cfg.ray.num_workers, "device": "cuda" if cfg.ray.use_gpu else "cpu",
-                      "precision": cfg.train.precision})
-    return FitResult(models_dir=cfg.train.models_dir, best_epoch=best_epoch, history=history)
+    with _checkpoint_dir(result.get_best_checkpoint(metric="val_loss", mode="min")) as folder:
+        return _read_checkpoint(folder), history
 
 
 @contextlib.contextmanager

@@ -34,7 +34,8 @@ def project(tmp_path: Path, synthetic_archive: tuple[Path, str], ray_session: st
     shutil.copytree(REPO / "mixer", project / "mixer", ignore=shutil.ignore_patterns("__pycache__"))
     _tiny_params(project)
     archive, md5 = synthetic_archive
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MIXER_DATA_URL": str(archive),
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}  # the project's SQLite
+    env = {**env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MIXER_DATA_URL": str(archive),
            "MIXER_DATA_MD5": md5, "RAY_ADDRESS": ray_session}
     for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
         subprocess.run(cmd, cwd=project, env=env, check=True)
@@ -52,8 +53,9 @@ def test_repro_runs_the_pipeline_then_skips_unchanged_stages(project: tuple[Path
     root, env = project
 
     first = _dvc(root, env, "repro")
-    for stage in ("ingest", "train", "evaluate"):
+    for stage in ("ingest", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in first
+    assert json.loads((root / "metrics" / "registered.json").read_text())["version"] == 1
 
     metrics = json.loads((root / "metrics" / "eval.json").read_text())
     assert metrics["top1"] > 0.1  # synthetic classes are learnable; chance is 0.01
@@ -73,6 +75,7 @@ def test_repro_runs_the_pipeline_then_skips_unchanged_stages(project: tuple[Path
     third = _dvc(root, env, "repro")
     assert "Running stage 'train'" in third and "Running stage 'evaluate'" in third
     assert "Running stage 'ingest'" not in third
+    assert json.loads((root / "metrics" / "registered.json").read_text())["version"] == 2  # a new model
 
     shown = _dvc(root, env, "metrics", "show", "--json")
     assert json.loads(shown)  # the metrics file is found and parsed by DVC

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mixer import config, data
+
+from .mlflow_server import CLIENT_ENV, running_server
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,6 +29,8 @@ def tiny_config(tmp: Path, data_dir: Path, **overrides: Any) -> config.Config:
         "ray.num_workers": 2,
         "ray.cpus_per_worker": 1,
         "ray.storage_path": str(tmp / "ray_results"),
+        "mlflow.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+        "mlflow.artifact_root": str(tmp / "mlartifacts"),
         **overrides,
     })
 
@@ -37,3 +43,23 @@ def prepared_data(synthetic_archive: tuple[Path, str], tmp_path_factory: pytest.
     cfg = config.load(REPO / "params.yaml", {"data.url": str(archive), "data.md5": md5,
                                               "data.out_dir": str(out)})
     return data.ingest(cfg.data)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` (SQLite, file:// artifacts) for the session; yields its http:// URI.
+
+    Tests share it, so each one names its own experiment and registered model. MLflow clients in
+    the session fail fast instead of retrying (CLIENT_ENV); the environment is restored afterwards.
+    """
+    saved = {key: os.environ.get(key) for key in CLIENT_ENV}
+    os.environ.update(CLIENT_ENV)
+    try:
+        with running_server(tmp_path_factory.mktemp("mlflow")) as uri:
+            yield uri
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

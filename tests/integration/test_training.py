@@ -70,3 +70,41 @@ def test_early_stopping_restores_the_best_epoch(tmp_path: Path, prepared_data: P
     assert len(val_losses) < 6
     assert val_losses[result.best_epoch - 1] == min(val_losses)
     assert export.load(cfg.train.models_dir).summary["best_epoch"] == result.best_epoch
+
+
+class KillAWorkerAfter(UserCallback):
+    """Kills one training worker process (SIGKILL) right after the given epoch is reported."""
+
+    def __init__(self, epoch: int, marker: Path) -> None:
+        self.epoch = epoch
+        self.marker = marker  # the callback object is restored with the controller: kill only once
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        import os
+        import signal
+
+        import psutil
+
+        if metrics[0]["epoch"] != self.epoch or self.marker.exists():
+            return
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        assert workers, "no Ray Train worker process found"
+        self.marker.write_text(str(workers[-1].pid))
+        os.kill(workers[-1].pid, signal.SIGKILL)
+
+
+def test_a_killed_worker_resumes_from_the_checkpoint_in_the_same_mlflow_run(tmp_path: Path,
+                                                                          prepared_data: Path) -> None:
+    from mlflow import MlflowClient
+
+    cfg = tiny_config(tmp_path, prepared_data, **{"train.epochs": 4, "train.limit_train_batches": 6,
+                                                  "ray.max_failures": 1})
+    killed = tmp_path / "killed"
+    result = training.fit(cfg, callbacks=[KillAWorkerAfter(2, killed)])
+
+    assert killed.exists()  # a worker really died
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == [result.run_id] and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_loss")] == [1, 2, 3, 4]

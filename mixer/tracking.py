@@ -1,0 +1,147 @@
+"""MLflow runs: params, per-epoch metrics, lineage tags, artifacts, the logged model.
+
+One `mixer train` = one run in `cfg.mlflow.experiment`. The driver side writes everything: epochs
+arrive through `EpochLog` from the Ray Train controller (workers never talk to MLflow), the rest
+from the `mixer` commands. Artifacts live under `cfg.mlflow.artifact_root` as plain file:// paths,
+so a tracking server (started without artifact proxying) and direct SQLite clients read and write
+the same files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from mixer.config import Config
+
+EPOCH_METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")
+MODEL_URI_TAG = "model_uri"
+
+
+def client(cfg: Config) -> MlflowClient:
+    return MlflowClient(tracking_uri=cfg.mlflow.tracking_uri, registry_uri=cfg.mlflow.tracking_uri)
+
+
+def experiment_id(cfg: Config, name: str) -> str:
+    """The experiment's id, creating it with the shared file:// artifact root on first use."""
+    mlflow_client = client(cfg)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=(cfg.mlflow.artifact_root / name).as_uri())
+    except mlflow.exceptions.MlflowException:  # another process created it first
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def active(cfg: Config, run_id: str) -> Iterator[None]:
+    """The fluent API (log_model needs it) pointed at `run_id`, without ending the run."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.set_registry_uri(cfg.mlflow.tracking_uri)
+    try:
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def start_training_run(cfg: Config, data_version: str | None, device: str) -> str:
+    """A new run with the resolved params, lineage tags and the resolved params.yaml; returns its id."""
+    commit, dirty = git_state(cfg.root)
+    tags = {"git_commit": commit or "unknown", "git_dirty": str(dirty).lower(),
+            "data_version": data_version or "unversioned", "ray_num_workers": str(cfg.ray.num_workers),
+            "device": device, "preset": cfg.model.preset}
+    mlflow_client = client(cfg)
+    run = mlflow_client.create_run(experiment_id(cfg, cfg.mlflow.experiment), tags=tags)
+    run_id = run.info.run_id
+    params = flatten(cfg.to_dict())
+    items = sorted(params.items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        mlflow_client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in
+                                                items[start:start + 100]])
+    mlflow_client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "params.yaml")
+    return run_id
+
+
+class EpochLog:
+    """Logs each reported epoch once, at step = epoch, even when Ray restarts workers.
+
+    A restarted worker group resumes from the last checkpoint and reports again the epochs after
+    it; those already in MLflow are skipped, so the run keeps one point per epoch.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.last_logged: int | None = None  # read from MLflow on first use (the run may be resumed)
+
+    def __call__(self, metrics: Mapping[str, Any]) -> None:
+        mlflow_client = MlflowClient(tracking_uri=self.tracking_uri)
+        if self.last_logged is None:
+            history = mlflow_client.get_metric_history(self.run_id, "val_loss")
+            self.last_logged = max((m.step for m in history), default=0)
+        epoch = int(metrics["epoch"])
+        if epoch <= self.last_logged:
+            return
+        timestamp = int(time.time() * 1000)
+        mlflow_client.log_batch(self.run_id, metrics=[
+            Metric(name, float(metrics[name]), timestamp, epoch) for name in EPOCH_METRICS])
+        self.last_logged = epoch
+
+
+def finish_training_run(cfg: Config, run_id: str, summary: Mapping[str, float], models_dir: Path,
+                        model_uri: str) -> None:
+    mlflow_client = client(cfg)
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), 0)
+                                             for k, v in summary.items()])
+    mlflow_client.set_tag(run_id, MODEL_URI_TAG, model_uri)
+    mlflow_client.log_artifact(run_id, str(models_dir / "train.json"))
+    mlflow_client.set_terminated(run_id, "FINISHED")
+
+
+def fail_run(cfg: Config, run_id: str) -> None:
+    client(cfg).set_terminated(run_id, "FAILED")
+
+
+def log_evaluation(cfg: Config, run_id: str, metrics: Mapping[str, Any], files: list[Path]) -> None:
+    """Test metrics (test_top1, test_top5, test_loss) and the evaluation files, on the training run."""
+    mlflow_client = client(cfg)
+    stamp = int(time.time() * 1000)
+    mlflow_client.log_batch(run_id, metrics=[Metric(f"test_{k}", float(metrics[k]), stamp, 0)
+                                             for k in ("top1", "top5", "loss")])
+    for path in files:
+        mlflow_client.log_artifact(run_id, str(path), "evaluation")
+
+
+def git_state(root: Path) -> tuple[str | None, bool]:
+    """(commit, whether tracked files differ from it); (None, False) outside a git repository."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None, False
+    return commit, bool(status.strip())
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.005}} -> {"train.lr": 0.005}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

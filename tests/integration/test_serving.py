@@ -1,0 +1,188 @@
+"""A logged, registered model loads by alias with pickle disallowed, and `mlflow models serve` answers.
+
+The tracking store is a SQLite file in the test's folder (MLflow 3 rejects a plain file store); no
+tracking server is needed: the loading subprocess and `mlflow models serve` read the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+from mixer import export, serving
+from mixer.config import MODEL_PRESETS, ModelConfig
+from mixer.model import build_model
+
+REGISTERED = "cifar100-mixer"
+CHAMPION_URI = f"models:/{REGISTERED}@champion"
+MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+# Clients fail fast instead of retrying for minutes (the default: 7 retries, 120 s per request).
+CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+SERVE_START_TIMEOUT_S = 60.0  # `mlflow models serve` imports mlflow twice (CLI, then uvicorn) and torch
+SERVE_STOP_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Champion:
+    tracking_uri: str
+    experiment_id: str
+    version: str
+    images: np.ndarray  # (2, 32, 32, 3) uint8
+    expected: np.ndarray  # (2, 100) float32, the exported model's own probabilities
+
+
+@pytest.fixture
+def champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Champion]:
+    """A tiny export logged in a run, registered as `cifar100-mixer` and aliased `champion`."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for name, value in {**CLIENT_ENV, "MLFLOW_TRACKING_URI": uri}.items():
+        monkeypatch.setenv(name, value)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="seed", **MODEL_PRESETS["seed"]))
+    torch.nn.init.normal_(model.head.weight, std=0.5)  # a zero head would predict the uniform distribution
+    folder = tmp_path / "models"
+    export.save(folder, model.state_dict(), model.cfg, MEAN, STD,
+                info={"class_names": [f"fine_{i:02d}" for i in range(100)]})
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+
+    # Another test of the session may have set a process-wide URI; use ours, then put that one back.
+    with _use_tracking_uri(uri):
+        artifacts = (tmp_path / "artifacts").as_uri()
+        experiment = mlflow.create_experiment("serving", artifact_location=artifacts)
+        with mlflow.start_run(experiment_id=experiment):
+            model_uri = serving.log_model(folder, images)
+        version = mlflow.register_model(model_uri, REGISTERED).version
+        MlflowClient().set_registered_model_alias(REGISTERED, "champion", version)
+        expected = serving._load_pyfunc(str(folder)).predict(images)
+        yield Champion(uri, experiment, str(version), images, expected)
+
+
+def test_champion_loads_by_alias_without_pickle(champion: Champion) -> None:
+    script = ("import json, sys, numpy as np, mlflow\n"
+              "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+              "images = np.array(json.loads(sys.argv[2]), dtype=np.uint8)\n"
+              "print(json.dumps({'impl': type(model._model_impl).__name__,"
+              " 'probs': model.predict(images).tolist()}))\n")
+    env = {**os.environ, **CLIENT_ENV, "MLFLOW_TRACKING_URI": champion.tracking_uri,
+           "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    done = subprocess.run([sys.executable, "-c", script, CHAMPION_URI, json.dumps(champion.images.tolist())],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["impl"] == "MixerModel"
+    probs = np.array(answer["probs"])
+    assert probs.shape == (2, 100)
+    np.testing.assert_allclose(probs, champion.expected, rtol=1e-5, atol=1e-6)
+
+    # In this process, by alias and by version: the same model, the names from train.json.
+    for uri in (CHAMPION_URI, f"models:/{REGISTERED}/{champion.version}"):
+        loaded = serving.load(uri)
+        np.testing.assert_allclose(loaded.predict(champion.images), champion.expected, rtol=1e-5, atol=1e-6)
+        assert loaded.class_names[:2] == ["fine_00", "fine_01"]
+
+    requirements = Path(mlflow.artifacts.download_artifacts(f"{CHAMPION_URI}/requirements.txt")).read_text()
+    assert set(requirements.split()) == set(serving.pip_requirements())
+
+
+def test_load_refuses_a_model_that_is_not_ours(champion: Champion, tmp_path: Path) -> None:
+    data = tmp_path / "other.json"
+    data.write_text("{}")
+    with mlflow.start_run(experiment_id=champion.experiment_id):
+        other = mlflow.pyfunc.log_model(name="other", loader_module="json", data_path=str(data),
+                                        pip_requirements=[]).model_uri
+    with pytest.raises(ValueError, match="not a mixer model .*'json'"):
+        serving.load(other)
+
+
+def test_models_serve_answers_invocations(champion: Champion, tmp_path: Path) -> None:
+    port = _free_port()
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, **CLIENT_ENV, "MLFLOW_TRACKING_URI": champion.tracking_uri,
+           "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+           "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}  # the CLI execs `uvicorn`
+    command = [str(venv_bin / "mlflow"), "models", "serve", "-m", CHAMPION_URI, "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        # A session of its own: the CLI forks bash -> uvicorn, and killpg reaches all of them.
+        server = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_ready(base, server, log)
+        request = urllib.request.Request(f"{base}/invocations", method="POST",
+                                         headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"inputs": champion.images.tolist()}).encode())
+        with urllib.request.urlopen(request, timeout=30) as response:
+            predictions = np.array(json.load(response)["predictions"])
+        assert predictions.shape == (2, 100)
+        assert predictions.sum(axis=1) == pytest.approx([1.0, 1.0], abs=1e-4)
+        np.testing.assert_allclose(predictions, champion.expected, rtol=1e-4, atol=1e-6)
+
+        bad = urllib.request.Request(f"{base}/invocations", method="POST",
+                                     headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"inputs": champion.images[:, :16].tolist()}).encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(bad, timeout=30)
+        assert err.value.code == 400  # a wrong shape is the client's error, caught by the signature
+    finally:
+        _stop(server)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(base: str, server: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + SERVE_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"mlflow models serve exited with {server.returncode}:\n{_tail(log)}")
+        try:
+            with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"mlflow models serve not ready after {SERVE_START_TIMEOUT_S:.0f} s:\n{_tail(log)}")
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the whole process group, SIGKILL whatever is left after a grace period."""
+    if server.poll() is None:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=SERVE_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        except ProcessLookupError:
+            pass
+    try:  # uvicorn may outlive the CLI process that started it
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(log: Path, lines: int = 40) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
