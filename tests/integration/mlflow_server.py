@@ -45,21 +45,21 @@ def server_command(tmp: Path, port: int) -> list[str]:
             "--no-serve-artifacts", "--workers", "1"]
 
 
-def wait_healthy(uri: str, process: subprocess.Popen[bytes], log: Path,
+def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path,
                  timeout_s: float = START_TIMEOUT_S) -> None:
-    """Poll GET /health until it answers 200; fail early, with the server's log, if it exits."""
+    """Poll GET `url` (a health endpoint) until it answers 200; fail early, with the log, if the process exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {process.returncode}:\n{_tail(log)}")
+            raise RuntimeError(f"{process.args[1]} exited with {process.returncode}:\n{_tail(log)}")
         try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"mlflow server at {uri} not healthy after {timeout_s:.0f} s:\n{_tail(log)}")
+    raise RuntimeError(f"{url} not healthy after {timeout_s:.0f} s:\n{_tail(log)}")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -92,7 +92,7 @@ def running_server(tmp: Path) -> Iterator[str]:
         process = subprocess.Popen(server_command(tmp, port), stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, cwd=tmp, start_new_session=True)
     try:
-        wait_healthy(uri, process, log)
+        wait_healthy(f"{uri}/health", process, log)
         yield uri
     finally:
         stop(process)

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -30,13 +27,14 @@ from mixer import export, serving
 from mixer.config import MODEL_PRESETS, ModelConfig
 from mixer.model import build_model
 
+from .mlflow_server import free_port, stop, wait_healthy
+
 REGISTERED = "cifar100-mixer"
 CHAMPION_URI = f"models:/{REGISTERED}@champion"
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
 # Clients fail fast instead of retrying for minutes (the default: 7 retries, 120 s per request).
 CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 SERVE_START_TIMEOUT_S = 60.0  # `mlflow models serve` imports mlflow twice (CLI, then uvicorn) and torch
-SERVE_STOP_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,7 @@ def test_load_refuses_a_model_that_is_not_ours(champion: Champion, tmp_path: Pat
 
 
 def test_models_serve_answers_invocations(champion: Champion, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     venv_bin = Path(sys.executable).parent
     env = {**os.environ, **CLIENT_ENV, "MLFLOW_TRACKING_URI": champion.tracking_uri,
            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
@@ -126,7 +124,7 @@ def test_models_serve_answers_invocations(champion: Champion, tmp_path: Path) ->
                                   stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_ready(base, server, log)
+        wait_healthy(f"{base}/ping", server, log, timeout_s=SERVE_START_TIMEOUT_S)
         request = urllib.request.Request(f"{base}/invocations", method="POST",
                                          headers={"Content-Type": "application/json"},
                                          data=json.dumps({"inputs": champion.images.tolist()}).encode())
@@ -143,46 +141,4 @@ def test_models_serve_answers_invocations(champion: Champion, tmp_path: Path) ->
             urllib.request.urlopen(bad, timeout=30)
         assert err.value.code == 400  # a wrong shape is the client's error, caught by the signature
     finally:
-        _stop(server)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_ready(base: str, server: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + SERVE_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited with {server.returncode}:\n{_tail(log)}")
-        try:
-            with urllib.request.urlopen(f"{base}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.25)
-    raise AssertionError(f"mlflow models serve not ready after {SERVE_START_TIMEOUT_S:.0f} s:\n{_tail(log)}")
-
-
-def _stop(server: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the whole process group, SIGKILL whatever is left after a grace period."""
-    if server.poll() is None:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=SERVE_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        except ProcessLookupError:
-            pass
-    try:  # uvicorn may outlive the CLI process that started it
-        os.killpg(server.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _tail(log: Path, lines: int = 40) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        stop(server)
