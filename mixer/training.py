@@ -9,6 +9,7 @@ through Ray Train callbacks and never the workers' internals.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import tempfile
 import time
@@ -108,14 +109,14 @@ def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[f
             sums[1] += (logits.argmax(1) == y).sum()
             sums[2] += len(y)
         _all_reduce_sum(sums)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # GPU steps run asynchronously: time them, not their launch
+        train_seconds = time.perf_counter() - started
         val_loss, val_top1, val_top5 = _validate(raw_model, val, mean, std, cfg, session)
 
         if t.schedule == "plateau":
             scheduler.step(val_loss)
-        if val_loss < state["best_val_loss"]:
-            state["best_val_loss"], state["bad_epochs"] = val_loss, 0
-        else:
-            state["bad_epochs"] += 1
+        improved = val_loss < state["best_val_loss"]
         metrics = {
             "epoch": epoch + 1,
             "train_loss": float(sums[0] / sums[2]),
@@ -124,11 +125,13 @@ def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[f
             "val_top1": val_top1,
             "val_top5": val_top5,
             "lr": lr,
-            "epoch_seconds": time.perf_counter() - started,
+            "epoch_seconds": train_seconds,  # training only, not validation
             # Per rank: equal on every rank when DDP keeps the replicas in step.
             "weights_checksum": _checksum(raw_model),
         }
-        state = {**state, "epoch": epoch + 1, "history": [*state["history"], metrics]}
+        state = {"epoch": epoch + 1, "best_val_loss": val_loss if improved else state["best_val_loss"],
+                 "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
+                 "history": [*state["history"], metrics]}
         stop = t.early_stopping_patience > 0 and state["bad_epochs"] >= t.early_stopping_patience
         checkpoint = None
         if session.rank == 0:
@@ -246,8 +249,8 @@ class LocalSession:
 
     def report(self, metrics: dict[str, float], checkpoint: dict[str, Any] | None) -> None:
         self.reports.append(metrics)
-        if checkpoint is not None:
-            self.last_checkpoint = checkpoint
+        if checkpoint is not None:  # a snapshot, as a saved file would be: state_dict() shares tensors
+            self.last_checkpoint = copy.deepcopy(checkpoint)
 
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
