@@ -117,6 +117,10 @@ class TrainConfig:
     limit_eval_batches: int = field(metadata=_non_negative())  # 0 = no limit
     seed: int = field(metadata=_non_negative())
     models_dir: Path  # the exported best model (a DVC out)
+    # A name makes `mixer train` resumable: the same name again continues from the latest Ray
+    # checkpoint and the same MLflow run. null = a fresh, unique run every time.
+    run_name: str | None = field(metadata=_check(
+        lambda v: v is None or all(c.isalnum() or c in "-_." for c in v), "must use only letters, digits, - _ ."))
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,11 @@ def _build(cls: type, raw: Any, prefix: str, root: Path) -> Any:
 
 
 def _coerce(kind: Any, value: Any, key: str, root: Path) -> Any:
+    optional = [arg for arg in typing.get_args(kind) if arg is not type(None)]
+    if len(optional) == 1:  # `X | None`: null (or an empty override) means "not set"
+        if value is None or value == "":
+            return None
+        kind = optional[0]
     if isinstance(value, OverrideText):
         value = str(value) if kind in (str, Path) else _yaml_scalar(value)
     if dataclasses.is_dataclass(kind):

@@ -25,6 +25,7 @@ from mixer.config import Config
 
 EPOCH_METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")
 MODEL_URI_TAG = "model_uri"
+RUN_NAME_TAG = "run_name"  # train.run_name: the key for resuming, in MLflow as in Ray's storage
 
 
 def client(cfg: Config) -> MlflowClient:
@@ -57,21 +58,49 @@ def active(cfg: Config, run_id: str) -> Iterator[None]:
 
 
 def start_training_run(cfg: Config, data_version: str | None, device: str) -> str:
-    """A new run with the resolved params, lineage tags and the resolved params.yaml; returns its id."""
+    """A new run with the resolved params, lineage tags and the resolved params.yaml; returns its id.
+
+    With `train.run_name`, an unfinished run of that name is continued instead (same params only).
+    """
+    mlflow_client = client(cfg)
+    experiment = experiment_id(cfg, cfg.mlflow.experiment)
+    params = {key: str(value)[:6000] for key, value in flatten(cfg.to_dict()).items()}
+    if cfg.train.run_name:
+        resumed = _resume(mlflow_client, experiment, cfg.train.run_name, params)
+        if resumed:
+            return resumed
     commit, dirty = git_state(cfg.root)
     tags = {"git_commit": commit or "unknown", "git_dirty": str(dirty).lower(),
             "data_version": data_version or "unversioned", "ray_num_workers": str(cfg.ray.num_workers),
             "device": device, "preset": cfg.model.preset}
-    mlflow_client = client(cfg)
-    run = mlflow_client.create_run(experiment_id(cfg, cfg.mlflow.experiment), tags=tags)
+    if cfg.train.run_name:
+        tags[RUN_NAME_TAG] = cfg.train.run_name
+    run = mlflow_client.create_run(experiment, tags=tags, run_name=cfg.train.run_name)
     run_id = run.info.run_id
-    params = flatten(cfg.to_dict())
     items = sorted(params.items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        mlflow_client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in
-                                                items[start:start + 100]])
+        mlflow_client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 100]])
     mlflow_client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "params.yaml")
     return run_id
+
+
+def _resume(mlflow_client: MlflowClient, experiment: str, name: str, params: Mapping[str, str]) -> str | None:
+    """The id of the unfinished run called `name`, set running again; None when there is none."""
+    runs = mlflow_client.search_runs([experiment], filter_string=f"tags.{RUN_NAME_TAG} = '{name}'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    run = runs[0]
+    if run.info.status == "FINISHED":
+        raise ValueError(f"train.run_name {name}: MLflow run {run.info.run_id} of that name finished already; "
+                         f"choose a new name to train again")
+    changed = sorted(k for k, v in params.items() if run.data.params.get(k, v) != v)
+    if changed:
+        first = changed[0]
+        raise ValueError(f"train.run_name {name}: started with other params ({first}: "
+                         f"{run.data.params[first]} -> {params[first]}); resume with the same params or pick a new name")
+    mlflow_client.update_run(run.info.run_id, status="RUNNING")
+    return run.info.run_id
 
 
 class EpochLog:

@@ -312,13 +312,13 @@ def fit(cfg: Config, callbacks: Sequence[UserCallback] = ()) -> FitResult:
     train_split = data.load_split(cfg.data.out_dir, "train")
     val_split = data.load_split(cfg.data.out_dir, "val")
     meta = data.load_meta(cfg.data.out_dir)
-    if not ray.is_initialized():
-        ray.init(address=None, log_to_driver=True)  # RAY_ADDRESS, when set, reaches a cluster
-    _check_resources(cfg)
     device = "cuda" if cfg.ray.use_gpu else "cpu"
     data_version = versioning.data_version(cfg.root, cfg.data.out_dir)
     run_id = tracking.start_training_run(cfg, data_version, device)
     try:
+        if not ray.is_initialized():
+            ray.init(address=None, log_to_driver=True)  # RAY_ADDRESS, when set, reaches a cluster
+        _check_resources(cfg)
         on_epoch = OnEpoch(ProgressLine(cfg.train.epochs), tracking.EpochLog(cfg.mlflow.tracking_uri, run_id))
         best_state, history = _train_on_ray(cfg, train_split, val_split, meta, [on_epoch, *callbacks])
         best_epoch = best_state["state"]["epoch"]
@@ -355,7 +355,8 @@ def _train_on_ray(cfg: Config, train_split: data.Split, val_split: data.Split, m
                                   **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})},
         ),
         run_config=RunConfig(
-            name=f"mixer-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}",
+            # The same name in the same storage resumes from that run's latest checkpoint.
+            name=cfg.train.run_name or f"mixer-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}",
             storage_path=cfg.ray.storage_path,
             # Keeps the best epoch by val loss; Ray always keeps the latest as well, for restarts.
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",

@@ -108,3 +108,46 @@ def test_a_killed_worker_resumes_from_the_checkpoint_in_the_same_mlflow_run(tmp_
     runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
     assert [r.info.run_id for r in runs] == [result.run_id] and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(result.run_id, "val_loss")] == [1, 2, 3, 4]
+
+
+def test_an_interrupted_named_run_resumes_where_it_stopped(tmp_path: Path, prepared_data: Path,
+                                                           ray_session: str) -> None:
+    """SIGKILL `mixer train` after its second epoch; the same command again finishes the same runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow import MlflowClient
+
+    cfg = tiny_config(tmp_path, prepared_data, **{"train.epochs": 6, "train.limit_train_batches": 10,
+                                                  "train.run_name": "resumable", "ray.num_workers": 1})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "root"}))
+    command = [str(Path(sys.executable).parent / "mixer"), "train", "--params", str(params)]
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in first.stdout:  # type: ignore[union-attr]
+        seen.append(line)
+        if "epoch   2/6" in line:
+            first.send_signal(signal.SIGKILL)  # no clean-up of any kind: as if the machine went down
+            break
+    first.wait(timeout=60)
+    assert any("epoch   2/6" in line for line in seen), "".join(seen[-20:])
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    output = second.stdout + second.stderr
+    assert "epoch   6/6" in output and "epoch   1/6" not in output  # resumed, not started over
+
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [1, 2, 3, 4, 5, 6]
+    assert export.read_summary(cfg.train.models_dir)["epochs_run"] == 6
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "finished already; choose a new name" in again.stderr
