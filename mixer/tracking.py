@@ -10,6 +10,7 @@ the same files.
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -47,6 +48,9 @@ def experiment_id(cfg: Config, name: str) -> str:
 @contextlib.contextmanager
 def active(cfg: Config, run_id: str) -> Iterator[None]:
     """The fluent API (log_model needs it) pointed at `run_id`, without ending the run."""
+    # set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment, where child processes
+    # (and config.load) would pick it up: put both back afterwards.
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     mlflow.set_registry_uri(cfg.mlflow.tracking_uri)
@@ -55,6 +59,11 @@ def active(cfg: Config, run_id: str) -> Iterator[None]:
             yield
     finally:
         mlflow.set_tracking_uri(previous)
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def start_training_run(cfg: Config, data_version: str | None, device: str) -> str:

@@ -126,7 +126,8 @@ def test_an_interrupted_named_run_resumes_where_it_stopped(tmp_path: Path, prepa
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "root"}))
     command = [str(Path(sys.executable).parent / "mixer"), "train", "--params", str(params)]
-    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}  # params decide
+    env["RAY_ADDRESS"] = ray_session
 
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
