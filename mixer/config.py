@@ -128,10 +128,15 @@ class EvalConfig:
     batch_size: int = field(metadata=_positive())
     metrics_dir: Path
     plots_dir: Path
+    # The nightly check fails when the champion's test top-1 is this far (a fraction, 0.02 = two
+    # points) below the top-1 recorded when it was registered.
+    max_drop: float = field(metadata=_fraction())
+    notify_block: str | None  # a Prefect notification block told about failed nightly checks
 
 
 @dataclass(frozen=True)
 class RayConfig:
+    address: str | None  # a Ray cluster (ray://host:10001 or host:6379); null = RAY_ADDRESS or local
     num_workers: int = field(metadata=_positive())
     use_gpu: bool
     cpus_per_worker: float = field(metadata=_positive())
