@@ -26,8 +26,8 @@ from mixer.atomic import atomic_dir, atomic_file
 from mixer.cifar_archive import DataError, read_archive
 from mixer.config import DataConfig
 
-__all__ = ["ARRAYS", "SPLITS", "DataError", "Split", "channel_stats", "fetch", "file_md5", "ingest",
-           "load_meta", "load_split", "split_indices"]
+__all__ = ["ARRAYS", "SPLITS", "DataError", "DownloadError", "Split", "channel_stats", "fetch", "file_md5",
+           "ingest", "load_meta", "load_split", "split_indices"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ DOWNLOAD_TIMEOUT_S = 30  # per socket operation (connect, each read), not for th
 _CHUNK = 1 << 20  # bytes per read when hashing or downloading
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed zip timestamps: the same arrays always give the same bytes
 _RERUN = "run `mixer ingest` (or `dvc repro ingest`)"
+
+
+class DownloadError(DataError):
+    """The network failed while fetching the archive: worth retrying, unlike a bad md5 or URL."""
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,7 @@ def _download(cfg: DataConfig) -> Path:
     except DataError:
         raise
     except (OSError, http.client.HTTPException, ValueError) as err:  # URLError and timeouts are OSErrors
-        raise DataError(f"download {cfg.url}: failed ({_one_line(err)}); check the network, or point "
+        raise DownloadError(f"download {cfg.url}: failed ({_one_line(err)}); check the network, or point "
                         f"data.url / MIXER_DATA_URL at a local mirror") from None
     return dest
 
