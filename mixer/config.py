@@ -24,6 +24,8 @@ ENV_DATA_URL = "MIXER_DATA_URL"
 ENV_DATA_MD5 = "MIXER_DATA_MD5"
 # MLflow's own variable: a tracking server (http://...) instead of the project's SQLite file.
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+# Ray's own variable: the cluster to run on, instead of ray.address in params.yaml.
+ENV_RAY_ADDRESS = "RAY_ADDRESS"
 
 
 class ConfigError(ValueError):
@@ -181,10 +183,19 @@ def load(params: Path | str | None = None, overrides: Mapping[str, Any] | None =
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     env = {"data.url": os.environ.get(ENV_DATA_URL), "data.md5": os.environ.get(ENV_DATA_MD5),
-           "mlflow.tracking_uri": os.environ.get(ENV_TRACKING_URI)}
+           "mlflow.tracking_uri": os.environ.get(ENV_TRACKING_URI), "ray.address": os.environ.get(ENV_RAY_ADDRESS)}
     for key, value in {**{k: v for k, v in env.items() if v}, **(overrides or {})}.items():
         _set_dotted(raw, key, value)
     return from_dict(raw, root=path.parent)
+
+
+def replace(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """`cfg` with `key.sub=value` overrides applied and validated again (sweep trials use it)."""
+    raw = cfg.to_dict()
+    root = Path(raw.pop("root"))
+    for key, value in overrides.items():
+        _set_dotted(raw, key, value)
+    return from_dict(raw, root=root)
 
 
 def from_dict(raw: Mapping[str, Any], root: Path) -> Config:

@@ -29,7 +29,7 @@ import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 
-from mixer import data, export, serving, tracking, versioning
+from mixer import cluster, data, export, serving, tracking, versioning
 from mixer.augment import augment_batch, normalize
 from mixer.config import Config
 from mixer.evaluation import topk_correct
@@ -209,6 +209,7 @@ class RaySession:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node_id = ray.get_runtime_context().get_node_id()  # in every report: who trained where
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
         return ray.train.torch.prepare_model(model)  # moves to the device, wraps in DDP when world > 1
@@ -221,6 +222,7 @@ class RaySession:
             return _read_checkpoint(Path(folder))
 
     def report(self, metrics: dict[str, float], checkpoint: dict[str, Any] | None) -> None:
+        metrics = {**metrics, "node_id": self.node_id}
         if checkpoint is None:
             ray.train.report(metrics)
             return
@@ -307,28 +309,51 @@ class FitResult:
         return self.history[self.best_epoch - 1]
 
 
-def fit(cfg: Config, callbacks: Sequence[UserCallback] = ()) -> FitResult:
-    """Train with Ray Train, tracked as one MLflow run; export the best epoch to models_dir and log it."""
+@dataclass(frozen=True)
+class TrainingInputs:
+    """What training reads, loaded once by the driver.
+
+    The splits sit in the Ray object store: workers on any node fetch them from there, never from
+    a path that exists only on the driver.
+    """
+
+    train: ray.ObjectRef
+    val: ray.ObjectRef
+    meta: dict[str, Any]  # mean, std, class names, counts
+    example_images: np.ndarray  # two val images: the MLflow model's input example
+    data_version: str | None
+
+
+def connect(cfg: Config) -> None:
+    """Join ray.address (or RAY_ADDRESS), else start Ray on this machine; check the cluster fits the config."""
+    cluster.check_before_connect(cfg)
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    if cfg.ray.address:  # a cluster of several hosts needs shared storage and a tracking server
+        cluster.check_nodes(cfg, [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]])
+    _check_resources(cfg)
+
+
+def load_inputs(cfg: Config) -> TrainingInputs:
+    """Read the prepared splits and put them in the object store (connect() first)."""
     train_split = data.load_split(cfg.data.out_dir, "train")
     val_split = data.load_split(cfg.data.out_dir, "val")
-    meta = data.load_meta(cfg.data.out_dir)
+    return TrainingInputs(train=ray.put(train_split), val=ray.put(val_split),
+                          meta=data.load_meta(cfg.data.out_dir), example_images=val_split.images[:2].copy(),
+                          data_version=versioning.data_version(cfg.root, cfg.data.out_dir))
+
+
+def fit(cfg: Config, callbacks: Sequence[UserCallback] = (), inputs: TrainingInputs | None = None) -> FitResult:
+    """Train with Ray Train, tracked as one MLflow run; export the best epoch to models_dir and log it."""
     device = "cuda" if cfg.ray.use_gpu else "cpu"
-    data_version = versioning.data_version(cfg.root, cfg.data.out_dir)
-    run_id = tracking.start_training_run(cfg, data_version, device)
+    connect(cfg)
+    inputs = inputs or load_inputs(cfg)
+    run_id = tracking.start_training_run(cfg, inputs.data_version, device)
     try:
-        if not ray.is_initialized():
-            ray.init(address=None, log_to_driver=True)  # RAY_ADDRESS, when set, reaches a cluster
-        _check_resources(cfg)
         on_epoch = OnEpoch(ProgressLine(cfg.train.epochs), tracking.EpochLog(cfg.mlflow.tracking_uri, run_id))
-        best_state, history = _train_on_ray(cfg, train_split, val_split, meta, [on_epoch, *callbacks])
+        best_state, history = run_trainer(cfg, inputs, [on_epoch, *callbacks])
+        model_uri = export_best(cfg, inputs, best_state, history, run_id, cfg.train.models_dir)
         best_epoch = best_state["state"]["epoch"]
-        export.save(cfg.train.models_dir, best_state["model"], cfg.model, meta["mean"], meta["std"], info={
-            "best_epoch": best_epoch, "epochs_run": len(history), "history": history,
-            "num_workers": cfg.ray.num_workers, "device": device, "precision": cfg.train.precision,
-            "class_names": meta["fine_label_names"], "data_version": data_version, "mlflow_run_id": run_id})
-        with tracking.active(cfg, run_id):
-            model_uri = serving.log_model(cfg.train.models_dir, val_split.images[:2])
-        export.annotate(cfg.train.models_dir, mlflow_model_uri=model_uri)
         best = history[best_epoch - 1]
         tracking.finish_training_run(cfg, run_id, {"best_val_top1": best["val_top1"],
                                                    "best_val_loss": best["val_loss"], "best_epoch": best_epoch},
@@ -339,38 +364,61 @@ def fit(cfg: Config, callbacks: Sequence[UserCallback] = ()) -> FitResult:
     return FitResult(cfg.train.models_dir, best_epoch, history, run_id, model_uri)
 
 
-def _train_on_ray(cfg: Config, train_split: data.Split, val_split: data.Split, meta: dict[str, Any],
-                  callbacks: list[UserCallback]) -> tuple[dict[str, Any], list[dict[str, float]]]:
+def export_best(cfg: Config, inputs: TrainingInputs, best_state: dict[str, Any], history: list[dict[str, float]],
+                run_id: str, models_dir: Path) -> str:
+    """Write the best epoch to `models_dir` and log it as the MLflow model of `run_id`; returns its URI."""
+    meta = inputs.meta
+    export.save(models_dir, best_state["model"], cfg.model, meta["mean"], meta["std"], info={
+        "best_epoch": best_state["state"]["epoch"], "epochs_run": len(history), "history": history,
+        "num_workers": cfg.ray.num_workers, "device": "cuda" if cfg.ray.use_gpu else "cpu",
+        "precision": cfg.train.precision, "class_names": meta["fine_label_names"],
+        "data_version": inputs.data_version, "mlflow_run_id": run_id})
+    with tracking.active(cfg, run_id):
+        model_uri = serving.log_model(models_dir, inputs.example_images)
+    export.annotate(models_dir, mlflow_model_uri=model_uri)
+    return model_uri
+
+
+def run_trainer(cfg: Config, inputs: TrainingInputs, callbacks: Sequence[UserCallback],
+                name: str | None = None) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Run the TorchTrainer; returns (best checkpoint by val loss, the full per-epoch history)."""
-    # The arrays travel through the object store: workers on any node read them without a shared path.
-    loop_config = {"config": cfg, "train": ray.put(train_split), "val": ray.put(val_split),
-                   "mean": meta["mean"], "std": meta["std"]}
+    loop_config = {"config": cfg, "train": inputs.train, "val": inputs.val,
+                   "mean": inputs.meta["mean"], "std": inputs.meta["std"]}
     trainer = ray.train.torch.TorchTrainer(
         _ray_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
-            use_gpu=cfg.ray.use_gpu,
+            use_gpu=cfg.ray.use_gpu,  # NCCL between GPU workers, gloo between CPU workers
             resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
                                   **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.use_gpu else {})},
         ),
         run_config=RunConfig(
             # The same name in the same storage resumes from that run's latest checkpoint.
-            name=cfg.train.run_name or f"mixer-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}",
+            name=name or cfg.train.run_name or unique_name("mixer"),
             storage_path=cfg.ray.storage_path,
             # Keeps the best epoch by val loss; Ray always keeps the latest as well, for restarts.
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
             # A dead worker restarts the group from the latest checkpoint (train_loop resumes).
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            callbacks=callbacks,
+            callbacks=list(callbacks),
         ),
     )
     result = trainer.fit()
     with _checkpoint_dir(result.checkpoint) as folder:
         history = _read_checkpoint(folder)["state"]["history"]
-    with _checkpoint_dir(result.get_best_checkpoint(metric="val_loss", mode="min")) as folder:
-        return _read_checkpoint(folder), history
+    return read_checkpoint(result.get_best_checkpoint(metric="val_loss", mode="min")), history
+
+
+def read_checkpoint(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any]:
+    """A checkpoint's contents, fetched from wherever its storage is (shared disk, s3://, ...)."""
+    with _checkpoint_dir(checkpoint) as folder:
+        return _read_checkpoint(folder)
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
 
 
 @contextlib.contextmanager
@@ -382,12 +430,24 @@ def _checkpoint_dir(checkpoint: ray.train.Checkpoint | None) -> Iterator[Path]:
 
 
 def _check_resources(cfg: Config) -> None:
-    """Fail at start, not after a silent wait for resources that will never appear."""
-    available = ray.cluster_resources()
-    if cfg.ray.use_gpu and available.get("GPU", 0) < cfg.ray.num_workers * cfg.ray.gpus_per_worker:
-        raise RuntimeError(f"ray.use_gpu is true but the Ray cluster has {available.get('GPU', 0):g} GPUs "
-                           f"for {cfg.ray.num_workers} workers; set ray.use_gpu=false or add GPU nodes")
-    cpus = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    if available.get("CPU", 0) < cpus:
-        raise RuntimeError(f"ray.num_workers x ray.cpus_per_worker = {cpus:g} CPUs, but the Ray cluster has "
-                           f"{available.get('CPU', 0):g}; lower them")
+    """Fail at start, not after a silent wait for workers that no node can ever place."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    r = cfg.ray
+    if r.use_gpu and sum(node.get("GPU", 0) for node in nodes) == 0:
+        raise cluster.ClusterError("ray.use_gpu is true but the Ray cluster has no GPUs; set ray.use_gpu=false "
+                           "or add GPU nodes")
+    placeable = sum(_fits(node, r.cpus_per_worker, r.gpus_per_worker if r.use_gpu else 0) for node in nodes)
+    if placeable < r.num_workers:
+        sizes = ", ".join(f"{node.get('CPU', 0):g} CPU/{node.get('GPU', 0):g} GPU" for node in nodes)
+        raise cluster.ClusterError(
+            f"ray.num_workers={r.num_workers} workers of {r.cpus_per_worker:g} CPUs"
+            f"{f' and {r.gpus_per_worker:g} GPUs' if r.use_gpu else ''} each do not fit the Ray cluster's "
+            f"nodes ({sizes}): at most {placeable} fit; lower ray.num_workers or ray.cpus_per_worker")
+
+
+def _fits(node: dict[str, float], cpus: float, gpus: float) -> int:
+    """How many workers of this size one node holds."""
+    counts = [int(node.get("CPU", 0) // cpus)]
+    if gpus:
+        counts.append(int(node.get("GPU", 0) // gpus))
+    return min(counts)

@@ -29,16 +29,23 @@ def data_config(synthetic_archive: tuple[Path, str], tmp_path: Path) -> DataConf
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[str]:
-    """One local Ray instance for the whole session (start-up costs ~20 s); yields its address.
+    """One two-node Ray cluster on this machine for the whole session; yields its address.
 
-    Subprocesses (`mixer train` under `dvc repro`) join it through RAY_ADDRESS instead of starting
-    their own.
+    A head and a second node with 1 CPU each (`ray.cluster_utils.Cluster`: real raylets, real
+    object transfers between them), so every 2-worker training in the tests runs one worker per
+    node. Start-up costs ~20 s, hence one per session. Subprocesses (`mixer train` under
+    `dvc repro`) join it through RAY_ADDRESS instead of starting their own.
     """
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as the `mixer` CLI does
     import ray
+    from ray.cluster_utils import Cluster
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, configure_logging=False)
     try:
-        yield ray.get_runtime_context().gcs_address
+        yield cluster.address
     finally:
         ray.shutdown()
+        cluster.shutdown()

@@ -1,14 +1,17 @@
-"""Ray Train on two local CPU workers: DDP keeps ranks identical, the loss falls, runs repeat."""
+"""Ray Train on a two-node cluster: one worker per node, data only from the object store, DDP keeps
+ranks identical, the loss falls, runs repeat, killed workers resume."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+import ray
 from mixer import export, training
 from ray.train import UserCallback
 
@@ -28,15 +31,24 @@ class ReportsToFile(UserCallback):
             f.write(json.dumps(metrics) + "\n")
 
 
-def test_two_workers_stay_identical_and_learn(tmp_path: Path, prepared_data: Path) -> None:
-    cfg = tiny_config(tmp_path, prepared_data, **{"train.epochs": 4})
+def test_two_workers_on_two_nodes_stay_identical_and_learn(tmp_path: Path, prepared_data: Path) -> None:
+    data_dir = tmp_path / "data" / "cifar100"
+    shutil.copytree(prepared_data, data_dir)
+    cfg = tiny_config(tmp_path, data_dir, **{"train.epochs": 4})
     reports = tmp_path / "reports.jsonl"
+    training.connect(cfg)
+    inputs = training.load_inputs(cfg)
+    # From here on no process can read the prepared data from disk: workers must train on the
+    # arrays the driver put in the object store.
+    data_dir.rename(tmp_path / "moved-away")
 
-    result = training.fit(cfg, callbacks=[ReportsToFile(reports)])
+    result = training.fit(cfg, callbacks=[ReportsToFile(reports)], inputs=inputs)
 
+    assert len([node for node in ray.nodes() if node["Alive"]]) == 2
     epochs = [json.loads(line) for line in reports.read_text().splitlines()]
     assert len(epochs) == 4 and all(len(workers) == 2 for workers in epochs)
     for rank0, rank1 in epochs:
+        assert rank0["node_id"] != rank1["node_id"]  # one worker per node
         assert rank0["weights_checksum"] == rank1["weights_checksum"]  # DDP: the same weights everywhere
         assert rank0["val_loss"] == rank1["val_loss"]  # validation is summed across ranks
     losses = [row["train_loss"] for row in result.history]
