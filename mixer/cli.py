@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mixer import config
+from mixer import config, stack
 from mixer.config import Config
 
 
@@ -166,6 +166,8 @@ COMMANDS: dict[str, Command] = {
     "server": Command(_server, "the MLflow server and UI over the project's store, on 127.0.0.1",
                       _server_arguments),
     "info": Command(_info, "parameters and FLOPs of the configured model"),
+    "stack": Command(stack.command, "start, stop or check the local Prefect server, worker and MLflow server",
+                     stack.arguments),
 }
 
 
