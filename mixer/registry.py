@@ -34,7 +34,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from mixer.config import Config
-from mixer.tracking import MODEL_URI_TAG, flatten
+from mixer.tracking import MODEL_URI_TAG, flatten, process_tracking_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -106,8 +106,12 @@ def register(cfg: Config, run_id: str, model_uri: str, metrics: Mapping[str, Any
         if existing is None:
             # A models:/<model_id> source must come with its model id (the server checks the pair),
             # which also links the logged model to this version in the UI.
-            mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
-                                             model_id=_model_id(model_uri))
+            # A SQL registry store resolves the models:/ source through the process-wide tracking
+            # URI, not this client's: point it at our store for the call (else a SQLite store other
+            # than the default ./mlflow.db reports the logged model as not found).
+            with process_tracking_uri(cfg.mlflow.tracking_uri):
+                mv = client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags,
+                                                 model_id=_model_id(model_uri))
         else:
             mv = existing
             for key, value in tags.items():
@@ -291,6 +295,20 @@ def load_uri(cfg: Config, reference: str) -> str:
         return f"models:/{name}@{ref}"
     _Versions(client, name).get(number)  # fails with a RegistryError if the version does not exist
     return f"models:/{name}/{number}"
+
+
+def version_info(cfg: Config, reference: str) -> VersionInfo:
+    """The version a number or alias names, with what was recorded at registration (data, test top-1)."""
+    client, name = _client(cfg), cfg.mlflow.registered_model
+    aliases = _aliases(client, name)
+    return _Versions(client, name).info(_resolve(reference, aliases, name), aliases)
+
+
+def set_version_tags(cfg: Config, version: int, tags: Mapping[str, str]) -> None:
+    """Set (overwrite) tags on a model version, e.g. the latest nightly result."""
+    client, name = _client(cfg), cfg.mlflow.registered_model
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
 
 
 def lock_path(cfg: Config) -> Path:

@@ -12,6 +12,7 @@ Served output: float32 softmax probabilities (N, 100).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import tempfile
 from collections.abc import Sequence
@@ -28,6 +29,7 @@ from PIL import Image, ImageOps
 from mixer import export
 from mixer.config import IMAGE_SIZE, IN_CHANNELS, NUM_CLASSES
 from mixer.evaluation import predict_logits
+from mixer.tracking import process_tracking_uri
 
 PROJECT_DIST = "cifar100-mixer"  # the name in pyproject.toml: what a serving environment installs
 MODEL_NAME = "model"  # the logged model's name within its run
@@ -120,15 +122,18 @@ def log_model(models_dir: Path, example_images: np.ndarray) -> str:
     return info.model_uri
 
 
-def load(model_uri: str) -> MixerModel:
+def load(model_uri: str, tracking_uri: str | None = None) -> MixerModel:
     """A logged model from any MLflow URI (`models:/cifar100-mixer@champion`, `runs:/...`), in this process.
 
     Reads the same data folder through the same `_load_pyfunc` that `mlflow.pyfunc.load_model` and
     `mlflow models serve` call, but checks first that the model is ours, so it never imports another
-    model's loader module.
+    model's loader module. `tracking_uri` (also used as the registry URI) resolves `models:/` and
+    `runs:/` URIs; None = MLflow's process-wide one (MLFLOW_TRACKING_URI).
     """
     with tempfile.TemporaryDirectory(prefix="mixer-model-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        # download_artifacts' own tracking_uri argument does not reach the resolution of an alias.
+        with process_tracking_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         flavor = Model.load(local).flavors.get(_PYFUNC, {})
         if flavor.get("loader_module") != __name__ or "data" not in flavor:
             raise ValueError(f"{model_uri}: not a mixer model (pyfunc loader module "

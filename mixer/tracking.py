@@ -20,12 +20,15 @@ from typing import Any
 import mlflow
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Run
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from mixer.config import Config
 
 EPOCH_METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")
 MODEL_URI_TAG = "model_uri"
+# Where `mixer server` (and `mixer stack up`) serve the UI over the project's SQLite store.
+DEFAULT_UI = "http://127.0.0.1:5000"
 RUN_NAME_TAG = "run_name"  # train.run_name: the key for resuming, in MLflow as in Ray's storage
 
 
@@ -64,6 +67,23 @@ def active(cfg: Config, run_id: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` for a block, for the calls that ignore a
+    client's own URI (a SQL registry store resolving a models:/ source, downloads of models:/ URIs).
+    The environment variable that setting it writes, which child processes would inherit, is put back.
+    """
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def start_training_run(cfg: Config, data_version: str | None, device: str) -> str:
@@ -160,6 +180,39 @@ def log_evaluation(cfg: Config, run_id: str, metrics: Mapping[str, Any], files: 
                                              for k in ("top1", "top5", "loss")])
     for path in files:
         mlflow_client.log_artifact(run_id, str(path), "evaluation")
+
+
+def log_nightly_run(cfg: Config, tags: Mapping[str, str], metrics: Mapping[str, float], failed: bool) -> str:
+    """One scheduled evaluation as a run in `cfg.mlflow.eval_experiment`; FAILED when the check failed."""
+    mlflow_client = client(cfg)
+    run = mlflow_client.create_run(experiment_id(cfg, cfg.mlflow.eval_experiment), tags=dict(tags),
+                                   run_name=f"nightly-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    stamp = int(time.time() * 1000)
+    mlflow_client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
+    mlflow_client.set_terminated(run.info.run_id, "FAILED" if failed else "FINISHED")
+    return run.info.run_id
+
+
+def last_nightly(cfg: Config, status_tag: str, status: str) -> Run | None:
+    """The most recent run of the eval experiment whose `status_tag` is `status`; None when there is none."""
+    mlflow_client = client(cfg)
+    experiment = mlflow_client.get_experiment_by_name(cfg.mlflow.eval_experiment)
+    if experiment is None:
+        return None
+    runs = mlflow_client.search_runs([experiment.experiment_id], filter_string=f"tags.{status_tag} = '{status}'",
+                                     order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def run_url(cfg: Config, run_id: str) -> str:
+    """The run's page in the MLflow UI (the tracking server, or `mixer server` over a SQLite store)."""
+    run = client(cfg).get_run(run_id)
+    return f"{ui_base(cfg)}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def ui_base(cfg: Config) -> str:
+    uri = cfg.mlflow.tracking_uri
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
 
 
 def git_state(root: Path) -> tuple[str | None, bool]:

@@ -1,0 +1,1 @@
+"""Prefect flows: glue around `mixer` calls (one task per call); the only package importing prefect."""
