@@ -46,7 +46,9 @@ class Service:
     pid: int
     url: str  # what a user opens (the UI) or what answers the health check
     log: str
-    marker: str  # a word of its command line: a recycled pid running something else is never signalled
+    # Part of its command line (before and after `mixer server` execs mlflow): a recycled pid running
+    # something else is never signalled.
+    marker: str
 
 
 def up(cfg: Config, folder: Path, prefect_port: int = 4200, mlflow_port: int = 5000, pool: str = POOL) -> list[Service]:
@@ -69,7 +71,7 @@ def up(cfg: Config, folder: Path, prefect_port: int = 4200, mlflow_port: int = 5
     try:
         server = _start(folder, "prefect-server", [str(_BIN / "prefect"), "server", "start", "--host", HOST,
                                                    "--port", str(prefect_port)], prefect_env, cfg.root,
-                        f"http://{HOST}:{prefect_port}", "prefect")
+                        f"http://{HOST}:{prefect_port}", f"--port {prefect_port}")
         services.append(server)
         _wait(server, f"{api}/health")
         _ensure_pool(pool, prefect_env, cfg.root)
@@ -77,13 +79,13 @@ def up(cfg: Config, folder: Path, prefect_port: int = 4200, mlflow_port: int = 5
         worker_env = {**prefect_env, "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", mlflow_url),
                       "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
         worker = _start(folder, "worker", [str(_BIN / "prefect"), "worker", "start", "--pool", pool, "--type",
-                                           "process"], worker_env, cfg.root, f"{api}/work_pools/{pool}", "prefect")
+                                           "process"], worker_env, cfg.root, f"{api}/work_pools/{pool}", f"--pool {pool}")
         services.append(worker)
         # The server serves the project's own store, whatever MLFLOW_TRACKING_URI the shell has.
         mlflow_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         mlflow = _start(folder, "mlflow", [sys.executable, "-m", "mixer.cli", "server", "--host", HOST, "--port",
                                            str(mlflow_port), "--params", str(cfg.root / "params.yaml")],
-                        mlflow_env, cfg.root, mlflow_url, "mlflow")
+                        mlflow_env, cfg.root, mlflow_url, f"--port {mlflow_port}")
         services.append(mlflow)
         _wait(mlflow, f"{mlflow_url}/health")
         _wait_worker_online(worker, api, pool)
@@ -182,7 +184,7 @@ def _alive(service: Service) -> bool:
     """The recorded pid runs the recorded program (not a zombie, not a recycled pid)."""
     try:
         stat = Path(f"/proc/{service.pid}/stat").read_text()
-        cmdline = Path(f"/proc/{service.pid}/cmdline").read_bytes().decode(errors="replace")
+        cmdline = Path(f"/proc/{service.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] != "Z" and service.marker in cmdline
