@@ -37,6 +37,19 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
           f"(MLflow run {result.run_id})")
 
 
+def _sweep(cfg: Config, args: argparse.Namespace) -> None:
+    from mixer import sweep
+
+    result = sweep.run(cfg, out_dir=args.out or cfg.root / "runs", name=args.name)
+    for trial in result.trials:
+        overrides = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial["overrides"].items())
+        loss = f"{trial['val_loss']:.4f}" if "val_loss" in trial else "-"
+        print(f"{trial['trial']}  {trial['status']:<15} best val loss {loss}  {overrides}")
+    v = result.version
+    print(f"best trial {result.best_trial} -> {result.models_dir}; registered {cfg.mlflow.registered_model} "
+          f"version {v.version} @challenger (test top1 {v.test_top1:.2%}); MLflow parent run {result.parent_run_id}")
+
+
 def _evaluate(cfg: Config, args: argparse.Namespace) -> None:
     from mixer import reports
 
@@ -127,6 +140,12 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=None, help="an exported model folder (default: train.models_dir)")
 
 
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=None, help="the best trial's model and metrics go to "
+                        "OUT/<name>/ (default: runs/ in the project; never the DVC outputs)")
+    parser.add_argument("--name", default=None, help="the sweep's name (default: sweep-<time>)")
+
+
 def _register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--best", action="store_true",
                         help="register the run with the best val top-1 on this data version instead of models/")
@@ -154,6 +173,8 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, Command] = {
     "ingest": Command(_ingest, "fetch, verify and convert CIFAR-100 into data.out_dir"),
     "train": Command(_train, "train with Ray Train, tracked in MLflow; export the best epoch to train.models_dir"),
+    "sweep": Command(_sweep, "search sweep.space with Ray Tune (ASHA), each trial a Ray Train run; register "
+                     "the best trial @challenger", _sweep_arguments),
     "evaluate": Command(_evaluate, "score the exported model on the test split; write metrics and plots",
                         _evaluate_arguments),
     "register": Command(_register, "register the model in models/ as a new version @challenger",

@@ -156,6 +156,20 @@ class MlflowConfig:
     registered_model: str
 
 
+SEARCH_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+SWEEPABLE = ("model.", "train.")  # what a trial may change; data, storage and tracking stay the sweep's
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    num_samples: int = field(metadata=_positive())  # random draws; every grid combination is run this often
+    max_concurrent_trials: int = field(metadata=_positive())  # Train runs in flight at once
+    grace_period: int = field(metadata=_positive())  # ASHA: epochs every trial gets before it may be stopped
+    reduction_factor: int = field(metadata=_check(lambda v: v >= 2, "must be >= 2"))  # ASHA: keep 1/factor per rung
+    # {"train.lr": {"loguniform": [1e-3, 1e-2]}, "model.dropout": {"grid": [0.0, 0.1]}, ...}
+    space: dict
+
+
 @dataclass(frozen=True)
 class Config:
     root: Path  # the project folder that holds params.yaml
@@ -165,6 +179,7 @@ class Config:
     eval: EvalConfig
     ray: RayConfig
     mlflow: MlflowConfig
+    sweep: SweepConfig
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain YAML/JSON-able values (paths as strings)."""
@@ -207,6 +222,10 @@ def from_dict(raw: Mapping[str, Any], root: Path) -> Config:
         preset = model.get("preset")
         if preset in MODEL_PRESETS:
             sections["model"] = {**MODEL_PRESETS[preset], **model}
+    sweep = sections.get("sweep")
+    if isinstance(sweep, dict) and isinstance(sweep.get("space"), Mapping):
+        # `sweep.space.train.lr={grid: [...]}` on the command line nests by the dots: flatten it back.
+        sections["sweep"] = {**sweep, "space": _flatten_space(sweep["space"])}
     config = _build(Config, {**sections, "root": str(root)}, prefix="", root=root.resolve())
     if "://" not in config.data.url:  # a local archive, relative to the project like every path
         local = str((config.root / config.data.url).resolve())
@@ -286,6 +305,10 @@ def _coerce(kind: Any, value: Any, key: str, root: Path) -> Any:
         value = str(value) if kind in (str, Path) else _yaml_scalar(value)
     if dataclasses.is_dataclass(kind):
         return _build(kind, value, f"{key}.", root)
+    if kind is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -327,11 +350,67 @@ def _cross_check(config: Any, prefix: str) -> None:
         if config.use_gpu and config.gpus_per_worker <= 0:
             raise ConfigError(f"{prefix}gpus_per_worker: must be > 0 when use_gpu is true, "
                               f"got {config.gpus_per_worker}")
+    if isinstance(config, SweepConfig):
+        _check_space(config.space, f"{prefix}space")
     if isinstance(config, Config):
+        known = set(_leaf_keys(dataclasses.asdict(config)))
+        for key in config.sweep.space:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"sweep.space.{key}: unknown key{hint}")
         workers, batch = config.ray.num_workers, config.train.batch_size
         if batch % workers:
             raise ConfigError(f"train.batch_size: must be a multiple of ray.num_workers ({workers}) so "
                               f"every worker gets the same share, got {batch}")
+
+
+def _check_space(space: Mapping[str, Any], where: str) -> None:
+    """Each entry: a sweepable key -> {kind: values}, e.g. {"loguniform": [1e-3, 1e-2]}."""
+    for key, spec in space.items():
+        if not str(key).startswith(SWEEPABLE):
+            raise ConfigError(f"{where}.{key}: only {' and '.join(p + '*' for p in SWEEPABLE)} keys can be swept")
+        if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+            raise ConfigError(f"{where}.{key}: expected one of {{{', '.join(SEARCH_KINDS)}}}: [values], got {spec!r}")
+        kind, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.{key}.{kind}: expected a non-empty list, got {values!r}")
+        if kind in ("uniform", "loguniform", "randint"):
+            numbers = len(values) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            if not numbers or values[0] >= values[1] or (kind == "loguniform" and values[0] <= 0):
+                raise ConfigError(f"{where}.{key}.{kind}: expected [low, high] with low < high"
+                                  f"{' and low > 0' if kind == 'loguniform' else ''}, got {values!r}")
+
+
+def _flatten_space(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, spec in tree.items():
+        spec = _parsed(spec)
+        # A mapping of mappings is a level of the key ({train: {lr: {...}}}); anything else is a spec.
+        if isinstance(spec, Mapping) and spec and all(isinstance(v, Mapping) for v in spec.values()):
+            flat.update(_flatten_space(spec, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = spec
+    return flat
+
+
+def _parsed(value: Any) -> Any:
+    """Command-line text inside a mapping, read as YAML all the way down."""
+    if isinstance(value, OverrideText):
+        return _yaml_scalar(value)
+    if isinstance(value, Mapping):
+        return {k: _parsed(v) for k, v in value.items()}
+    return value
+
+
+def _leaf_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for name, value in tree.items():
+        if isinstance(value, Mapping) and name != "space":
+            keys += _leaf_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
 
 
 def _plain(value: Any) -> Any:

@@ -30,6 +30,7 @@ MODEL_URI_TAG = "model_uri"
 # Where `mixer server` (and `mixer stack up`) serve the UI over the project's SQLite store.
 DEFAULT_UI = "http://127.0.0.1:5000"
 RUN_NAME_TAG = "run_name"  # train.run_name: the key for resuming, in MLflow as in Ray's storage
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting a run under another
 
 
 def client(cfg: Config) -> MlflowClient:
@@ -86,10 +87,11 @@ def process_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-def start_training_run(cfg: Config, data_version: str | None, device: str) -> str:
+def start_training_run(cfg: Config, data_version: str | None, device: str, parent_run_id: str | None = None) -> str:
     """A new run with the resolved params, lineage tags and the resolved params.yaml; returns its id.
 
     With `train.run_name`, an unfinished run of that name is continued instead (same params only).
+    A sweep's trials pass the sweep's run as `parent_run_id` (MLflow shows them nested under it).
     """
     mlflow_client = client(cfg)
     experiment = experiment_id(cfg, cfg.mlflow.experiment)
@@ -104,6 +106,8 @@ def start_training_run(cfg: Config, data_version: str | None, device: str) -> st
             "device": device, "preset": cfg.model.preset}
     if cfg.train.run_name:
         tags[RUN_NAME_TAG] = cfg.train.run_name
+    if parent_run_id:
+        tags[PARENT_RUN_TAG] = parent_run_id
     run = mlflow_client.create_run(experiment, tags=tags, run_name=cfg.train.run_name)
     run_id = run.info.run_id
     items = sorted(params.items())
@@ -170,6 +174,28 @@ def finish_training_run(cfg: Config, run_id: str, summary: Mapping[str, float], 
 
 def fail_run(cfg: Config, run_id: str) -> None:
     client(cfg).set_terminated(run_id, "FAILED")
+
+
+def start_sweep_run(cfg: Config, name: str, data_version: str | None, space: Mapping[str, Any]) -> str:
+    """The parent run of a sweep: the base params, the search space and the lineage tags."""
+    mlflow_client = client(cfg)
+    commit, dirty = git_state(cfg.root)
+    run = mlflow_client.create_run(experiment_id(cfg, cfg.mlflow.experiment), run_name=name, tags={
+        "sweep": name, "git_commit": commit or "unknown", "git_dirty": str(dirty).lower(),
+        "data_version": data_version or "unversioned", "preset": cfg.model.preset})
+    mlflow_client.log_text(run.info.run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "params.yaml")
+    mlflow_client.log_dict(run.info.run_id, dict(space), "search_space.json")
+    return run.info.run_id
+
+
+def end_run(cfg: Config, run_id: str, status: str, metrics: Mapping[str, float] | None = None,
+            tags: Mapping[str, str] | None = None) -> None:
+    """Close a run (FINISHED, FAILED or KILLED) with final metrics and tags."""
+    mlflow_client = client(cfg)
+    stamp = int(time.time() * 1000)
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in (metrics or {}).items()],
+                            tags=[mlflow.entities.RunTag(k, v) for k, v in (tags or {}).items()])
+    mlflow_client.set_terminated(run_id, status)
 
 
 def log_evaluation(cfg: Config, run_id: str, metrics: Mapping[str, Any], files: list[Path]) -> None:

@@ -34,13 +34,15 @@ def ray_session() -> Iterator[str]:
     A head and a second node with 1 CPU each (`ray.cluster_utils.Cluster`: real raylets, real
     object transfers between them), so every 2-worker training in the tests runs one worker per
     node. Start-up costs ~20 s, hence one per session. Subprocesses (`mixer train` under
-    `dvc repro`) join it through RAY_ADDRESS instead of starting their own.
+    `dvc repro`) join it through RAY_ADDRESS instead of starting their own. The head runs the
+    dashboard because Ray Train's placement-group cleaner needs its State API: without it, a Train
+    run whose controller is killed (a trial stopped by ASHA) keeps its workers' CPUs forever.
     """
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as the `mixer` CLI does
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, configure_logging=False)

@@ -120,3 +120,35 @@ def test_to_dict_round_trips_through_yaml() -> None:
     plain = cfg.to_dict()
     assert yaml.safe_load(yaml.safe_dump(plain)) == plain
     assert plain["train"]["augment"]["zoom"] == 0.2 and plain["data"]["out_dir"] == str(cfg.data.out_dir)
+
+
+@pytest.mark.parametrize(("space", "message"), [
+    ({"train.lrr": {"grid": [1e-3]}}, r"sweep.space.train.lrr: unknown key \(did you mean train.lr\?\)"),
+    ({"data.url": {"choice": ["x"]}}, r"sweep.space.data.url: only model.\* and train.\* keys can be swept"),
+    ({"train.lr": {"loguniform": [0, 1]}}, r"train.lr.loguniform: expected \[low, high\] with low < high and low > 0"),
+    ({"train.lr": {"uniform": [2, 1]}}, r"train.lr.uniform: expected \[low, high\] with low < high"),
+    ({"train.lr": {"normal": [0, 1]}}, r"train.lr: expected one of \{grid, choice, uniform, loguniform, randint\}"),
+    ({"train.lr": {"grid": []}}, r"train.lr.grid: expected a non-empty list"),
+])
+def test_a_bad_sweep_space_is_one_line(space: dict, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(PARAMS, {"sweep.space": space})
+
+
+def test_a_sweep_dimension_can_be_set_on_the_command_line() -> None:
+    cfg = config.load(PARAMS, config.parse_overrides(["sweep.space.model.hidden_dim={choice: [64, 96]}"]))
+    assert cfg.sweep.space["model.hidden_dim"] == {"choice": [64, 96]}
+    assert "train.lr" in cfg.sweep.space  # the other dimensions stay
+
+
+def test_replace_applies_and_validates_overrides() -> None:
+    cfg = config.load(PARAMS)
+    assert config.replace(cfg, {"train.lr": 0.01}).train.lr == 0.01
+    with pytest.raises(config.ConfigError, match="model.dropout: must be in"):
+        config.replace(cfg, {"model.dropout": 2.0})
+
+
+def test_ray_address_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert config.load(PARAMS).ray.address == "10.0.0.5:6379"
+    assert config.load(PARAMS, {"ray.address": "ray://head:10001"}).ray.address == "ray://head:10001"
