@@ -21,7 +21,8 @@ import mlflow
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
-from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+from mlflow.tracking._model_registry import utils as _registry_utils
+from mlflow.tracking._tracking_service import utils as _tracking_utils
 
 from mixer.config import Config
 
@@ -52,39 +53,33 @@ def experiment_id(cfg: Config, name: str) -> str:
 @contextlib.contextmanager
 def active(cfg: Config, run_id: str) -> Iterator[None]:
     """The fluent API (log_model needs it) pointed at `run_id`, without ending the run."""
-    # set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment, where child processes
-    # (and config.load) would pick it up: put both back afterwards.
-    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    mlflow.set_registry_uri(cfg.mlflow.tracking_uri)
-    try:
+    with process_tracking_uri(cfg.mlflow.tracking_uri):
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             yield
+
+
+@contextlib.contextmanager
+def process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs set to `uri` for a block.
+
+    For the calls that ignore a client's own URI (the fluent API, a SQL registry store resolving a
+    models:/ source, downloads of models:/ URIs). Afterwards everything is as it was: MLflow's own
+    globals (restored as they were, unset included, rather than pinned to what they resolved to) and
+    the environment variables that setting them writes, which child processes would inherit.
+    """
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved_uris = (_tracking_utils._tracking_uri, _registry_utils._registry_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        _tracking_utils._tracking_uri, _registry_utils._registry_uri = saved_uris
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-@contextlib.contextmanager
-def process_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to `uri` for a block, for the calls that ignore a
-    client's own URI (a SQL registry store resolving a models:/ source, downloads of models:/ URIs).
-    The environment variable that setting it writes, which child processes would inherit, is put back.
-    """
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        with _use_tracking_uri(uri):
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def start_training_run(cfg: Config, data_version: str | None, device: str, parent_run_id: str | None = None) -> str:
