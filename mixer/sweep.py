@@ -1,8 +1,8 @@
 """`mixer sweep`: a Ray Tune search over params, each trial a Ray Train run, ASHA stopping weak trials.
 
 The driver loads the data once into the object store, opens a parent MLflow run and starts a Tuner.
-Each trial is a small Tune function that launches its own TorchTrainer (the Ray Train V2 pattern)
-and forwards every epoch to Tune (`TuneReportCallback`), so ASHA can stop it between epochs. A Tune
+Each trial is a small Tune function (training.run_sweep_trial) that launches its own TorchTrainer
+(the Ray Train V2 pattern) and forwards every epoch to Tune, so ASHA can stop it between epochs. A Tune
 callback on the driver mirrors each trial into an MLflow child run: as for `mixer train`, nothing on
 the cluster talks to MLflow. At the end, the best trial by validation loss (never by the test set) is
 exported, evaluated on the test split once, and registered as a version of the model @challenger.
@@ -20,7 +20,7 @@ import pyarrow.fs
 import ray
 import ray.train
 import ray.tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler
 
 from mixer import config, publish, registry, reports, tracking, training
@@ -60,11 +60,6 @@ def check_space(base: Config) -> None:
                 config.replace(base, {key: int(value) if kind == "randint" else value})
 
 
-def trial_config(base: Config, name: str, trial_id: str, overrides: Mapping[str, Any]) -> Config:
-    """The trial's config: the base with its sampled values, named after the sweep and trial."""
-    return config.replace(base, {**overrides, "train.run_name": f"{name}-{trial_id}"})
-
-
 def run(cfg: Config, out_dir: Path, name: str | None = None) -> SweepResult:
     """Search, then export, evaluate and register the best trial; outputs go under `out_dir`/<name>/."""
     name = name or training.unique_name("sweep")
@@ -76,7 +71,7 @@ def run(cfg: Config, out_dir: Path, name: str | None = None) -> SweepResult:
     try:
         results = _tune(cfg, name, inputs, trial_runs)
         best_id, best_row, history = _best(results)
-        best_cfg = trial_config(cfg, name, best_id, trial_runs.overrides[best_id])
+        best_cfg = training.trial_config(cfg, name, best_id, trial_runs.overrides[best_id])
         folder = out_dir / name
         best_cfg = config.replace(best_cfg, {"train.models_dir": str(folder / "models"),
                                              "eval.metrics_dir": str(folder / "metrics"),
@@ -103,7 +98,8 @@ def _tune(cfg: Config, name: str, inputs: training.TrainingInputs, trial_runs: T
     # The trial function only drives its Train run: it needs memory but no CPU of its own, so a
     # trial's CPU footprint is its workers' (ray.num_workers x ray.cpus_per_worker). Ray wants some
     # resource in every request; memory is the honest one.
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial, base=cfg, name=name, inputs=inputs),
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(training.run_sweep_trial, base=cfg,
+                                                                 sweep_name=name, inputs=inputs),
                                         {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     tuner = ray.tune.Tuner(
         trainable,
@@ -119,13 +115,6 @@ def _tune(cfg: Config, name: str, inputs: training.TrainingInputs, trial_runs: T
     if len(errors) == len(results):
         raise RuntimeError(f"sweep {name}: every trial failed; the first: {errors[0]}")
     return results
-
-
-def _trial(trial: dict[str, Any], base: Config, name: str, inputs: training.TrainingInputs) -> None:
-    """One trial, in a Tune actor anywhere on the cluster: a Ray Train run reporting each epoch to Tune."""
-    trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_config(base, name, trial_id, trial["overrides"])
-    training.run_trainer(cfg, inputs, [TuneReportCallback()])
 
 
 def _best(results: ray.tune.ResultGrid) -> tuple[str, dict[str, Any], list[dict[str, float]]]:
@@ -159,7 +148,7 @@ class TrialRuns(ray.tune.Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         overrides = dict(trial.config["overrides"])
-        cfg = trial_config(self.cfg, self.name, trial.trial_id, overrides)
+        cfg = training.trial_config(self.cfg, self.name, trial.trial_id, overrides)
         device = "cuda" if cfg.ray.use_gpu else "cpu"
         run_id = tracking.start_training_run(cfg, self.data_version, device, parent_run_id=self.parent)
         self.overrides[trial.trial_id], self.run_ids[trial.trial_id] = overrides, run_id

@@ -13,7 +13,7 @@ import copy
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +29,10 @@ import ray.train
 import ray.train.torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 
-from mixer import cluster, data, export, serving, tracking, versioning
+# Every Ray worker imports this module to run train_loop. MLflow and DVC (seconds of imports per
+# worker start) are needed only on the driver: its functions import tracking, serving and versioning
+# where they use them.
+from mixer import cluster, config, data, export
 from mixer.augment import augment_batch, normalize
 from mixer.config import Config
 from mixer.evaluation import topk_correct
@@ -336,6 +339,8 @@ def connect(cfg: Config) -> None:
 
 def load_inputs(cfg: Config) -> TrainingInputs:
     """Read the prepared splits and put them in the object store (connect() first)."""
+    from mixer import versioning
+
     train_split = data.load_split(cfg.data.out_dir, "train")
     val_split = data.load_split(cfg.data.out_dir, "val")
     return TrainingInputs(train=ray.put(train_split), val=ray.put(val_split),
@@ -345,6 +350,8 @@ def load_inputs(cfg: Config) -> TrainingInputs:
 
 def fit(cfg: Config, callbacks: Sequence[UserCallback] = (), inputs: TrainingInputs | None = None) -> FitResult:
     """Train with Ray Train, tracked as one MLflow run; export the best epoch to models_dir and log it."""
+    from mixer import tracking
+
     device = "cuda" if cfg.ray.use_gpu else "cpu"
     connect(cfg)
     inputs = inputs or load_inputs(cfg)
@@ -367,6 +374,8 @@ def fit(cfg: Config, callbacks: Sequence[UserCallback] = (), inputs: TrainingInp
 def export_best(cfg: Config, inputs: TrainingInputs, best_state: dict[str, Any], history: list[dict[str, float]],
                 run_id: str, models_dir: Path) -> str:
     """Write the best epoch to `models_dir` and log it as the MLflow model of `run_id`; returns its URI."""
+    from mixer import serving, tracking
+
     meta = inputs.meta
     export.save(models_dir, best_state["model"], cfg.model, meta["mean"], meta["std"], info={
         "best_epoch": best_state["state"]["epoch"], "epochs_run": len(history), "history": history,
@@ -409,6 +418,22 @@ def run_trainer(cfg: Config, inputs: TrainingInputs, callbacks: Sequence[UserCal
     with _checkpoint_dir(result.checkpoint) as folder:
         history = _read_checkpoint(folder)["state"]["history"]
     return read_checkpoint(result.get_best_checkpoint(metric="val_loss", mode="min")), history
+
+
+def run_sweep_trial(trial: dict[str, Any], base: Config, sweep_name: str, inputs: TrainingInputs) -> None:
+    """One trial of `mixer sweep`, in a Ray Tune actor anywhere on the cluster: a Ray Train run that
+    reports every epoch to Tune (so ASHA can stop it). Here rather than in sweep.py, which imports
+    MLflow: trial actors stay as light to start as Train workers."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cfg = trial_config(base, sweep_name, ray.tune.get_context().get_trial_id(), trial["overrides"])
+    run_trainer(cfg, inputs, [TuneReportCallback()])
+
+
+def trial_config(base: Config, sweep_name: str, trial_id: str, overrides: Mapping[str, Any]) -> Config:
+    """A sweep trial's config: the base with the trial's sampled values, named after sweep and trial."""
+    return config.replace(base, {**overrides, "train.run_name": f"{sweep_name}-{trial_id}"})
 
 
 def read_checkpoint(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any]:
