@@ -103,7 +103,8 @@ def _predict(cfg: Config, args: argparse.Namespace) -> None:
     from mixer import registry, serving
 
     images = np.stack([serving.read_image(path) for path in args.images])  # check every file first
-    model = serving.load(registry.load_uri(cfg, str(args.version) if args.version else "champion"))
+    model = serving.load(registry.load_uri(cfg, str(args.version) if args.version else "champion"),
+                         cfg.mlflow.tracking_uri)
     for path, top in zip(args.images, serving.top_k(model, images), strict=True):
         print(f"{path}: " + ", ".join(f"{label} {p:.1%}" for label, p in top))
 

@@ -104,14 +104,16 @@ class KillAWorkerAfter(UserCallback):
         import os
         import signal
 
-        import psutil
+        from ray.util.state import list_actors
 
         if metrics[0]["epoch"] != self.epoch or self.marker.exists():
             return
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        # This cluster's live workers only (State API), never another Ray's on the same machine.
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
         assert workers, "no Ray Train worker process found"
-        self.marker.write_text(str(workers[-1].pid))
-        os.kill(workers[-1].pid, signal.SIGKILL)
+        pid = max(worker.pid for worker in workers)
+        self.marker.write_text(str(pid))
+        os.kill(pid, signal.SIGKILL)
 
 
 def test_a_killed_worker_resumes_from_the_checkpoint_in_the_same_mlflow_run(
