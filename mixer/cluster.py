@@ -52,9 +52,10 @@ def check_nodes(cfg: Config, node_ips: Iterable[str]) -> None:
 
 def check_shared(cfg: Config, why: str) -> None:
     storage = cfg.ray.storage_path
-    if not _is_uri(storage) and filesystem_type(Path(storage)) not in NETWORK_FILESYSTEMS:
+    kind = None if _is_uri(storage) else filesystem_type(Path(storage))
+    if kind is not None and kind not in NETWORK_FILESYSTEMS:
         raise ClusterError(
-            f"ray.storage_path: {storage} is on this machine's {filesystem_type(Path(storage))} disk, but {why}: "
+            f"ray.storage_path: {storage} is on this machine's {kind} disk, but {why}: "
             "workers on other hosts cannot write checkpoints there; use a shared path (NFS) or a URI "
             "such as s3://bucket/ray or gs://bucket/ray")
     if cfg.mlflow.tracking_uri.startswith("sqlite:"):

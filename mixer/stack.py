@@ -120,17 +120,22 @@ def _start(folder: Path, name: str, argv: list[str], env: dict[str, str], cwd: P
     return Service(name, process.pid, url, str(log), marker)
 
 
+def answers_ok(url: str) -> bool:
+    """Whether GET `url` answers 200 within 2 s (a health endpoint of a server being started)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
 def _wait(service: Service, health_url: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if not _alive(service):
             raise StackError(f"{service.name} exited during start-up; see {service.log}")
-        try:
-            with urllib.request.urlopen(health_url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        if answers_ok(health_url):
+            return
         time.sleep(0.5)
     raise StackError(f"{service.name}: {health_url} not healthy after {START_TIMEOUT_S:.0f} s; see {service.log}")
 

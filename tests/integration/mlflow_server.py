@@ -12,11 +12,11 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from mixer.stack import answers_ok
 
 # A cold start imports mlflow and migrates a fresh SQLite database: ~15 s on an idle 2-core box,
 # ~50 s on a busy one.
@@ -52,12 +52,8 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path,
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{process.args[1]} exited with {process.returncode}:\n{_tail(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        if answers_ok(url):
+            return
         time.sleep(0.2)
     raise RuntimeError(f"{url} not healthy after {timeout_s:.0f} s:\n{_tail(log)}")
 
