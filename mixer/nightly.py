@@ -59,7 +59,7 @@ def check_champion(cfg: Config) -> NightlyResult:
         model = serving.load(registry.load_uri(cfg, registry.CHAMPION), cfg.mlflow.tracking_uri)
     except Exception as err:  # whatever broke the load (missing file, foreign bytes, loader error)
         failure = (f"{name} version {champion.version} ({registry.CHAMPION}) no longer loads "
-                   f"({type(err).__name__}: {' '.join(str(err).split())}); roll back (`mixer rollback`) "
+                   f"({type(err).__name__}: {tracking.redact(' '.join(str(err).split()))}); roll back (`mixer rollback`) "
                    f"or promote another version")
         _record_failure_without_metrics(cfg, failure, data_version, champion.version)
         raise NightlyCheckFailed(failure) from None

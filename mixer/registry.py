@@ -34,7 +34,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from mixer.config import Config
-from mixer.tracking import MODEL_URI_TAG, flatten, process_tracking_uri
+from mixer.tracking import MODEL_URI_TAG, flatten, logged_config, process_tracking_uri, redact
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -237,7 +237,9 @@ def lineage(cfg: Config, reference: str, workspace: Config | None = None) -> str
         raise RegistryError(f"{name} version {number} has no run id: it was not registered by "
                             f"`mixer register`, so its lineage is unknown")
     run = _run(client, run_id)
-    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+    # Redacted again: runs logged before tracking.py redacted credentials may still hold them.
+    tags, metrics = run.data.tags, run.data.metrics
+    params = {key: redact(value) for key, value in run.data.params.items()}
     commit = _known(tags.get("git_commit")) or _known(mv.tags.get("git_commit"))
     dirty = (tags.get("git_dirty") or mv.tags.get("git_dirty")) == "true"
     data_version = _known(tags.get("data_version")) or _known(mv.tags.get("data_version"))
@@ -263,7 +265,8 @@ def lineage(cfg: Config, reference: str, workspace: Config | None = None) -> str
         *[f"  {key} = {params[key]}" for key in sorted(params)],
     ]
     if workspace is not None:
-        current = {key: str(value) for key, value in flatten(workspace.to_dict()).items()}
+        # As the run's params were logged (credentials redacted), so only real differences show.
+        current = {key: str(value) for key, value in flatten(logged_config(workspace)).items()}
         changed = sorted(key for key in set(params) | set(current) if params.get(key) != current.get(key))
         lines.append(f"differences from the workspace ({len(changed)}; registered -> workspace):")
         lines += [f"  {key}: {params.get(key, '(absent)')} -> {current.get(key, '(absent)')}"
@@ -308,7 +311,7 @@ def set_version_tags(cfg: Config, version: int, tags: Mapping[str, str]) -> None
     """Set (overwrite) tags on a model version, e.g. the latest nightly result."""
     client, name = _client(cfg), cfg.mlflow.registered_model
     for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, value)
+        client.set_model_version_tag(name, str(version), key, redact(value))
 
 
 def lock_path(cfg: Config) -> Path:
@@ -444,7 +447,7 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, int]:
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise RegistryError(f"no registered model {name} at {client.tracking_uri}: "
+        raise RegistryError(f"no registered model {name} at {redact(client.tracking_uri)}: "
                             f"register one first (`mixer register`)") from None
     return {alias: int(version) for alias, version in model.aliases.items()}
 
@@ -466,7 +469,7 @@ def _run(client: MlflowClient, run_id: str) -> Run:
     except MlflowException as err:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise RegistryError(f"no run {run_id} at {client.tracking_uri}: is MLFLOW_TRACKING_URI "
+        raise RegistryError(f"no run {run_id} at {redact(client.tracking_uri)}: is MLFLOW_TRACKING_URI "
                             f"the server the model was trained with?") from None
 
 

@@ -34,6 +34,9 @@ from mixer.tracking import process_tracking_uri
 PROJECT_DIST = "cifar100-mixer"  # the name in pyproject.toml: what a serving environment installs
 MODEL_NAME = "model"  # the logged model's name within its run
 _PYFUNC = "python_function"  # MLflow's flavor key in the MLmodel file
+# pyfunc flavor keys that make MLflow run code shipped inside the model: a cloudpickled python_model,
+# a models-from-code script, or folders put on sys.path before the loader module is imported.
+_CODE_KEYS = ("python_model", "model_code_path", "code")
 _BATCH = 1024  # images per forward pass; bounds memory for large requests, not tuned
 
 
@@ -64,19 +67,24 @@ class MixerModel:
 
 def _load_pyfunc(data_path: str) -> MixerModel:
     """MLflow's `loader_module` entry point; `data_path` is the logged copy of `models/`."""
-    exported = export.load(Path(data_path))
-    return MixerModel(exported, _class_names(exported, Path(data_path)))
+    return _load(Path(data_path))
 
 
-def _class_names(exported: export.Exported, folder: Path) -> list[str]:
+def _load(folder: Path, source: str | None = None) -> MixerModel:
+    """`source`: what errors call the folder (a model URI) instead of its path."""
+    exported = export.load(folder, source)
+    return MixerModel(exported, _class_names(exported, folder, source))
+
+
+def _class_names(exported: export.Exported, folder: Path, source: str | None = None) -> list[str]:
     """`class_names` of train.json when training recorded them, else `class_0` ... `class_99`."""
     names = exported.summary.get("class_names")
     count = exported.config.num_classes
     if names is None:
         return [f"class_{i}" for i in range(count)]
     if not (isinstance(names, list) and len(names) == count and all(isinstance(n, str) for n in names)):
-        raise export.ExportError(f"{folder / export.SUMMARY_FILE}: class_names must be a list of {count} "
-                                 f"strings")
+        where = f"{source} ({export.SUMMARY_FILE})" if source else str(folder / export.SUMMARY_FILE)
+        raise export.ExportError(f"{where}: class_names must be a list of {count} strings")
     return names
 
 
@@ -125,10 +133,12 @@ def log_model(models_dir: Path, example_images: np.ndarray) -> str:
 def load(model_uri: str, tracking_uri: str | None = None) -> MixerModel:
     """A logged model from any MLflow URI (`models:/cifar100-mixer@champion`, `runs:/...`), in this process.
 
-    Reads the same data folder through the same `_load_pyfunc` that `mlflow.pyfunc.load_model` and
+    Reads the same data folder through the same loader that `mlflow.pyfunc.load_model` and
     `mlflow models serve` call, but checks first that the model is ours, so it never imports another
-    model's loader module. `tracking_uri` (also used as the registry URI) resolves `models:/` and
-    `runs:/` URIs; None = MLflow's process-wide one (MLFLOW_TRACKING_URI).
+    model's loader module, unpickles a `python_model` or puts code shipped with the model on
+    `sys.path`. `tracking_uri` (also used as the registry URI) resolves `models:/` and `runs:/` URIs;
+    None = MLflow's process-wide one (MLFLOW_TRACKING_URI). Errors name `model_uri`, not the
+    temporary download.
     """
     with tempfile.TemporaryDirectory(prefix="mixer-model-") as tmp:
         # download_artifacts' own tracking_uri argument does not reach the resolution of an alias.
@@ -138,7 +148,11 @@ def load(model_uri: str, tracking_uri: str | None = None) -> MixerModel:
         if flavor.get("loader_module") != __name__ or "data" not in flavor:
             raise ValueError(f"{model_uri}: not a mixer model (pyfunc loader module "
                              f"{flavor.get('loader_module')!r}, expected {__name__!r})")
-        return _load_pyfunc(str(local / flavor["data"]))  # everything is read into memory here
+        carried = [key for key in _CODE_KEYS if flavor.get(key)]
+        if carried:  # ours never ship code: the installed package is the loader
+            raise ValueError(f"{model_uri}: refused: its MLmodel names code to run ({carried[0]}: "
+                             f"{flavor[carried[0]]!r:.80}), which no mixer model has; do not serve it")
+        return _load(local / flavor["data"], source=model_uri)  # everything is read into memory here
 
 
 def read_image(path: Path) -> np.ndarray:

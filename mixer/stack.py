@@ -28,7 +28,7 @@ from mixer.config import Config
 STACK_DIR = ".stack"
 PIDS_FILE = "pids.json"
 POOL = "mixer-pool"
-HOST = "127.0.0.1"
+HOST = "127.0.0.1"  # loopback only: none of these servers authenticates its callers
 # Cold starts on a busy 2-core machine: the Prefect server migrates its database (~10 s), the MLflow
 # server imports mlflow and migrates a fresh SQLite store (up to ~50 s).
 START_TIMEOUT_S = 180.0
@@ -69,8 +69,7 @@ def up(cfg: Config, folder: Path, prefect_port: int = 4200, mlflow_port: int = 5
                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     services: list[Service] = []
     try:
-        server = _start(folder, "prefect-server", [str(_BIN / "prefect"), "server", "start", "--host", HOST,
-                                                   "--port", str(prefect_port)], prefect_env, cfg.root,
+        server = _start(folder, "prefect-server", prefect_server_command(prefect_port), prefect_env, cfg.root,
                         f"http://{HOST}:{prefect_port}", f"--port {prefect_port}")
         services.append(server)
         _wait(server, f"{api}/health")
@@ -83,9 +82,8 @@ def up(cfg: Config, folder: Path, prefect_port: int = 4200, mlflow_port: int = 5
         services.append(worker)
         # The server serves the project's own store, whatever MLFLOW_TRACKING_URI the shell has.
         mlflow_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        mlflow = _start(folder, "mlflow", [sys.executable, "-m", "mixer.cli", "server", "--host", HOST, "--port",
-                                           str(mlflow_port), "--params", str(cfg.root / "params.yaml")],
-                        mlflow_env, cfg.root, mlflow_url, f"--port {mlflow_port}")
+        mlflow = _start(folder, "mlflow", mlflow_server_command(cfg, mlflow_port), mlflow_env, cfg.root, mlflow_url,
+                        f"--port {mlflow_port}")
         services.append(mlflow)
         _wait(mlflow, f"{mlflow_url}/health")
         _wait_worker_online(worker, api, pool)
@@ -95,6 +93,17 @@ def up(cfg: Config, folder: Path, prefect_port: int = 4200, mlflow_port: int = 5
         raise
     _write(folder, services)
     return services
+
+
+def prefect_server_command(port: int) -> list[str]:
+    """The Prefect server, bound to HOST: its API runs flows and holds no authentication."""
+    return [str(_BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)]
+
+
+def mlflow_server_command(cfg: Config, port: int) -> list[str]:
+    """`mixer server` on HOST: the MLflow server over the project's store, also unauthenticated."""
+    return [sys.executable, "-m", "mixer.cli", "server", "--host", HOST, "--port", str(port),
+            "--params", str(cfg.root / "params.yaml")]
 
 
 def down(folder: Path) -> list[str]:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,13 @@ MODEL_URI_TAG = "model_uri"
 DEFAULT_UI = "http://127.0.0.1:5000"
 RUN_NAME_TAG = "run_name"  # train.run_name: the key for resuming, in MLflow as in Ray's storage
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting a run under another
+REDACTED = "***"
+# `scheme://user:password@host`: the credentials part of a URL (also in MLflow's own error messages).
+_URL_CREDENTIALS = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+# `?token=...`, `&X-Amz-Signature=...`: query parameters whose name says they hold a secret.
+_SECRET_QUERY = re.compile(
+    r"([?&][^=&\s#]*(?:token|passw|secret|signature|credential|key)[^=&\s#]*=)[^&\s#]+", re.IGNORECASE)
+_SUPPRESS_URL_PRINT = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
 def client(cfg: Config) -> MlflowClient:
@@ -53,7 +63,7 @@ def experiment_id(cfg: Config, name: str) -> str:
 @contextlib.contextmanager
 def active(cfg: Config, run_id: str) -> Iterator[None]:
     """The fluent API (log_model needs it) pointed at `run_id`, without ending the run."""
-    with process_tracking_uri(cfg.mlflow.tracking_uri):
+    with process_tracking_uri(cfg.mlflow.tracking_uri), _no_url_print(cfg.mlflow.tracking_uri):
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             yield
 
@@ -82,6 +92,51 @@ def process_tracking_uri(uri: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def redact(text: str) -> str:
+    """`text` with the secrets a URL can carry (`user:password@`, `?token=...`) replaced by ***.
+
+    Everything this module writes to MLflow from the config goes through it: a tracking URI, data
+    URL, Ray address or storage path may embed credentials, and params, tags and artifacts are
+    readable by everyone with access to the tracking server. Environment variables are never logged.
+    """
+    return _SECRET_QUERY.sub(rf"\1{REDACTED}", _URL_CREDENTIALS.sub(rf"\1{REDACTED}@", text))
+
+
+def logged_config(cfg: Config) -> dict[str, Any]:
+    """The resolved config as MLflow records it (params, params.yaml): every string redacted."""
+    return _redacted(cfg.to_dict())
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _redacted(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redacted(item) for item in value]
+    return redact(value) if isinstance(value, str) else value
+
+
+def _terminate(cfg: Config, run_id: str, status: str) -> None:
+    with _no_url_print(cfg.mlflow.tracking_uri):
+        client(cfg).set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def _no_url_print(uri: str) -> Iterator[None]:
+    """MLflow prints "View run at <tracking URI>/..." as a run ends: not when that URI has credentials."""
+    if redact(uri) == uri:
+        yield
+        return
+    saved = os.environ.get(_SUPPRESS_URL_PRINT)
+    os.environ[_SUPPRESS_URL_PRINT] = "true"  # MLflow reads it at each run end
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(_SUPPRESS_URL_PRINT, None)
+        else:
+            os.environ[_SUPPRESS_URL_PRINT] = saved
+
+
 def start_training_run(cfg: Config, data_version: str | None, device: str, parent_run_id: str | None = None) -> str:
     """A new run with the resolved params, lineage tags and the resolved params.yaml; returns its id.
 
@@ -90,7 +145,8 @@ def start_training_run(cfg: Config, data_version: str | None, device: str, paren
     """
     mlflow_client = client(cfg)
     experiment = experiment_id(cfg, cfg.mlflow.experiment)
-    params = {key: str(value)[:6000] for key, value in flatten(cfg.to_dict()).items()}
+    logged = logged_config(cfg)
+    params = {key: str(value)[:6000] for key, value in flatten(logged).items()}
     if cfg.train.run_name:
         resumed = _resume(mlflow_client, experiment, cfg.train.run_name, params)
         if resumed:
@@ -108,7 +164,7 @@ def start_training_run(cfg: Config, data_version: str | None, device: str, paren
     items = sorted(params.items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         mlflow_client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 100]])
-    mlflow_client.log_text(run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "params.yaml")
+    mlflow_client.log_text(run_id, yaml.safe_dump(logged, sort_keys=False), "params.yaml")
     return run_id
 
 
@@ -142,8 +198,19 @@ class EpochLog:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.last_logged: int | None = None  # read from MLflow on first use (the run may be resumed)
+        self.lost = False  # MLflow failed once: stop trying (each try would wait out its HTTP retries)
 
     def __call__(self, metrics: Mapping[str, Any]) -> None:
+        if self.lost:
+            return
+        try:
+            self._log(metrics)
+        except Exception as err:  # the server went away: training goes on, fit() backfills at the end
+            self.lost = True
+            print(f"warning: MLflow stopped answering ({type(err).__name__}); training continues, and the "
+                  f"epochs are logged when it is back (or by `mixer register --from`)", flush=True)
+
+    def _log(self, metrics: Mapping[str, Any]) -> None:
         mlflow_client = MlflowClient(tracking_uri=self.tracking_uri)
         if self.last_logged is None:
             history = mlflow_client.get_metric_history(self.run_id, "val_loss")
@@ -164,11 +231,11 @@ def finish_training_run(cfg: Config, run_id: str, summary: Mapping[str, float], 
                                              for k, v in summary.items()])
     mlflow_client.set_tag(run_id, MODEL_URI_TAG, model_uri)
     mlflow_client.log_artifact(run_id, str(models_dir / "train.json"))
-    mlflow_client.set_terminated(run_id, "FINISHED")
+    _terminate(cfg, run_id, "FINISHED")
 
 
 def fail_run(cfg: Config, run_id: str) -> None:
-    client(cfg).set_terminated(run_id, "FAILED")
+    _terminate(cfg, run_id, "FAILED")
 
 
 def start_sweep_run(cfg: Config, name: str, data_version: str | None, space: Mapping[str, Any]) -> str:
@@ -178,8 +245,9 @@ def start_sweep_run(cfg: Config, name: str, data_version: str | None, space: Map
     run = mlflow_client.create_run(experiment_id(cfg, cfg.mlflow.experiment), run_name=name, tags={
         "sweep": name, "git_commit": commit or "unknown", "git_dirty": str(dirty).lower(),
         "data_version": data_version or "unversioned", "preset": cfg.model.preset})
-    mlflow_client.log_text(run.info.run_id, yaml.safe_dump(cfg.to_dict(), sort_keys=False), "params.yaml")
-    mlflow_client.log_dict(run.info.run_id, dict(space), "search_space.json")
+    logged = yaml.safe_dump(logged_config(cfg), sort_keys=False)
+    mlflow_client.log_text(run.info.run_id, logged, "params.yaml")
+    mlflow_client.log_dict(run.info.run_id, _redacted(dict(space)), "search_space.json")
     return run.info.run_id
 
 
@@ -189,8 +257,8 @@ def end_run(cfg: Config, run_id: str, status: str, metrics: Mapping[str, float] 
     mlflow_client = client(cfg)
     stamp = int(time.time() * 1000)
     mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in (metrics or {}).items()],
-                            tags=[mlflow.entities.RunTag(k, v) for k, v in (tags or {}).items()])
-    mlflow_client.set_terminated(run_id, status)
+                            tags=[mlflow.entities.RunTag(k, redact(v)) for k, v in (tags or {}).items()])
+    _terminate(cfg, run_id, status)
 
 
 def log_evaluation(cfg: Config, run_id: str, metrics: Mapping[str, Any], files: list[Path]) -> None:
@@ -204,13 +272,17 @@ def log_evaluation(cfg: Config, run_id: str, metrics: Mapping[str, Any], files: 
 
 
 def log_nightly_run(cfg: Config, tags: Mapping[str, str], metrics: Mapping[str, float], failed: bool) -> str:
-    """One scheduled evaluation as a run in `cfg.mlflow.eval_experiment`; FAILED when the check failed."""
+    """One scheduled evaluation as a run in `cfg.mlflow.eval_experiment`; FAILED when the check failed.
+
+    Tag values are redacted: a failure quotes error messages, and MLflow's quote the tracking URI.
+    """
     mlflow_client = client(cfg)
-    run = mlflow_client.create_run(experiment_id(cfg, cfg.mlflow.eval_experiment), tags=dict(tags),
+    run = mlflow_client.create_run(experiment_id(cfg, cfg.mlflow.eval_experiment),
+                                   tags={k: redact(v) for k, v in tags.items()},
                                    run_name=f"nightly-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     stamp = int(time.time() * 1000)
     mlflow_client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), stamp, 0) for k, v in metrics.items()])
-    mlflow_client.set_terminated(run.info.run_id, "FAILED" if failed else "FINISHED")
+    _terminate(cfg, run.info.run_id, "FAILED" if failed else "FINISHED")
     return run.info.run_id
 
 
@@ -232,8 +304,12 @@ def run_url(cfg: Config, run_id: str) -> str:
 
 
 def ui_base(cfg: Config) -> str:
+    """The UI's address without the credentials a tracking URI may carry (links end up in reports)."""
     uri = cfg.mlflow.tracking_uri
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else DEFAULT_UI
+    if not uri.startswith(("http://", "https://")):
+        return DEFAULT_UI
+    parts = urllib.parse.urlsplit(uri)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment="").geturl().rstrip("/")
 
 
 def git_state(root: Path) -> tuple[str | None, bool]:
@@ -257,3 +333,92 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+# --- when the tracking store is away ------------------------------------------------------------
+
+
+class TrackingUnavailable(ValueError):
+    """MLflow could not be used; the message says where the model is and how to register it later."""
+
+
+def reachable(cfg: Config) -> bool:
+    """Whether a tracking server answers its health check (a database store is always 'reachable')."""
+    uri = cfg.mlflow.tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+            return response.status == 200
+    except (OSError, ValueError):  # URLError, refused, timeout, a malformed URL
+        return False
+
+
+def start_training_run_if_reachable(cfg: Config, data_version: str | None, device: str) -> str | None:
+    """start_training_run, or None (with a warning) when the tracking server does not answer.
+
+    Training goes ahead untracked: hours of compute are not thrown away because a server is down.
+    """
+    if reachable(cfg):
+        return start_training_run(cfg, data_version, device)
+    print(f"warning: MLflow at {redact(cfg.mlflow.tracking_uri)} is unreachable; training without tracking "
+          f"(the best epoch is kept in {cfg.train.models_dir} for `mixer register --from`)", flush=True)
+    return None
+
+
+def register_later(cfg: Config, models_dir: Path, what: str) -> str:
+    """The one-line error of a run whose model could not reach MLflow."""
+    return (f"MLflow at {redact(cfg.mlflow.tracking_uri)} {what}: the best epoch is saved in {models_dir}; when "
+            f"MLflow is back, run `mixer evaluate --weights {models_dir}` and `mixer register --from {models_dir}`")
+
+
+def end_run_quietly(cfg: Config, run_id: str, status: str) -> None:
+    """Close a run on the way out of a failure; a tracking error must not hide the failure itself."""
+    try:
+        _terminate(cfg, run_id, status)
+    except Exception as err:
+        print(f"warning: could not mark MLflow run {run_id} {status} ({type(err).__name__})", flush=True)
+
+
+def log_history(cfg: Config, run_id: str, history: list[Mapping[str, Any]]) -> None:
+    """Log the epochs of `history` that the run does not have yet (the same points EpochLog writes)."""
+    mlflow_client = client(cfg)
+    logged = {m.step for m in mlflow_client.get_metric_history(run_id, "val_loss")}
+    timestamp = int(time.time() * 1000)
+    metrics = [Metric(name, float(row[name]), timestamp, int(row["epoch"]))
+               for row in history if int(row["epoch"]) not in logged for name in EPOCH_METRICS]
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
+        mlflow_client.log_batch(run_id, metrics=metrics[start:start + 1000])
+
+
+def run_exists(cfg: Config, run_id: str) -> bool:
+    try:
+        client(cfg).get_run(run_id)
+    except mlflow.exceptions.MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
+def start_run_for_export(cfg: Config, summary: Mapping[str, Any], folder: Path) -> str:
+    """A training run for a model trained while MLflow was away: the params and lineage it recorded."""
+    mlflow_client = client(cfg)
+    params = {key: str(value)[:6000] for key, value in flatten(summary.get("params") or {}).items()}
+    commit, dirty = git_state(cfg.root)
+    tags = {"git_commit": commit or "unknown", "git_dirty": str(dirty).lower(),
+            "data_version": summary.get("data_version") or "unversioned",
+            "ray_num_workers": str(summary.get("num_workers", "")), "device": str(summary.get("device", "")),
+            "preset": str(summary.get("model_config", {}).get("preset", "")),
+            "logged_from": redact(str(folder))}  # trained untracked, logged by `mixer register --from`
+    if summary.get("run_name"):
+        tags[RUN_NAME_TAG] = summary["run_name"]
+    run = mlflow_client.create_run(experiment_id(cfg, cfg.mlflow.experiment), tags=tags,
+                                   run_name=summary.get("run_name"))
+    items = sorted(params.items())
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        mlflow_client.log_batch(run.info.run_id,
+                                params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 100]])
+    if summary.get("params"):
+        mlflow_client.log_text(run.info.run_id, yaml.safe_dump(summary["params"], sort_keys=False), "params.yaml")
+    return run.info.run_id

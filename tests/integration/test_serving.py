@@ -1,4 +1,5 @@
-"""A logged, registered model loads by alias with pickle disallowed, and `mlflow models serve` answers.
+"""A logged, registered model loads by alias with pickle disallowed, and `mlflow models serve` answers;
+a tampered copy in the artifact store is refused by both loaders, without running anything from it.
 
 The tracking store is a SQLite file in the test's folder (MLflow 3 rejects a plain file store); no
 tracking server is needed: the loading subprocess and `mlflow models serve` read the same file.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import urllib.error
@@ -15,12 +17,15 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from mixer import export, serving
@@ -37,10 +42,29 @@ CLIENT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEO
 SERVE_START_TIMEOUT_S = 60.0  # `mlflow models serve` imports mlflow twice (CLI, then uvicorn) and torch
 
 
+class Echo(mlflow.pyfunc.PythonModel):
+    """A pyfunc model that MLflow stores with cloudpickle (what the mixer model never is)."""
+
+    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None
+                ) -> list[str]:
+        return model_input
+
+
+class Planted:
+    """Unpickling this creates `path` (via builtins.open): a stand-in for any code a pickle can run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return open, (str(self.path), "w")
+
+
 @dataclass(frozen=True)
 class Champion:
     tracking_uri: str
     experiment_id: str
+    artifacts: Path  # the experiment's artifact folder (file://): what a tampering would edit
     version: str
     images: np.ndarray  # (2, 32, 32, 3) uint8
     expected: np.ndarray  # (2, 100) float32, the exported model's own probabilities
@@ -69,7 +93,7 @@ def champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Champi
         version = mlflow.register_model(model_uri, REGISTERED).version
         MlflowClient().set_registered_model_alias(REGISTERED, "champion", version)
         expected = serving._load_pyfunc(str(folder)).predict(images)
-        yield Champion(uri, experiment, str(version), images, expected)
+        yield Champion(uri, experiment, tmp_path / "artifacts", str(version), images, expected)
 
 
 def test_champion_loads_by_alias_without_pickle(champion: Champion) -> None:
@@ -98,15 +122,68 @@ def test_champion_loads_by_alias_without_pickle(champion: Champion) -> None:
     requirements = Path(mlflow.artifacts.download_artifacts(f"{CHAMPION_URI}/requirements.txt")).read_text()
     assert set(requirements.split()) == set(serving.pip_requirements())
 
+    # Nothing in the logged model is unpickled or imported from the model itself: the installed
+    # loader module reads model.pt with weights_only=True, and no code travels with the model.
+    mlmodel = Model.load(mlflow.artifacts.download_artifacts(f"{CHAMPION_URI}/MLmodel"))
+    flavor = mlmodel.flavors["python_function"]
+    assert flavor["loader_module"] == "mixer.serving" and not flavor.get("code")
+    assert not {"python_model", "cloudpickle_version", "model_code_path"} & set(flavor)
+    stored = [p.name for p in (champion.artifacts).rglob("*") if p.is_file()]
+    assert not [name for name in stored if name.endswith((".pkl", ".pickle", ".joblib"))], stored
 
-def test_load_refuses_a_model_that_is_not_ours(champion: Champion, tmp_path: Path) -> None:
+
+def test_load_refuses_a_model_that_is_not_ours(champion: Champion, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "other.json"
     data.write_text("{}")
     with mlflow.start_run(experiment_id=champion.experiment_id):
         other = mlflow.pyfunc.log_model(name="other", loader_module="json", data_path=str(data),
                                         pip_requirements=[]).model_uri
+        pickled = mlflow.pyfunc.log_model(name="pickled", python_model=Echo(), pip_requirements=[]).model_uri
     with pytest.raises(ValueError, match="not a mixer model .*'json'"):
         serving.load(other)
+    with pytest.raises(ValueError, match="not a mixer model .*mlflow.pyfunc.model"):
+        serving.load(pickled)
+
+    # MLflow's own loader honours MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false: a cloudpickled
+    # python_model, here replaced by a pickle that runs code, is refused before it is unpickled.
+    sentinel = tmp_path / "ran"
+    (pkl,) = [p for p in champion.artifacts.rglob("python_model.pkl")]
+    pkl.write_bytes(pickle.dumps(Planted(sentinel)))
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    with pytest.raises(MlflowException, match="Deserializing model using pickle is disallowed"):
+        mlflow.pyfunc.load_model(pickled)
+    assert not sentinel.exists()
+
+
+def test_a_tampered_logged_model_is_refused_by_both_loaders(champion: Champion, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    (stored,) = champion.artifacts.rglob(export.WEIGHTS_FILE)  # the registered copy in the artifact store
+    good = stored.read_bytes()
+
+    # model.pt replaced by a file that runs code when unpickled.
+    sentinel = tmp_path / "ran"
+    torch.save({"state_dict": {}, "model_config": Planted(sentinel), "mean": [0.5] * 3, "std": [0.25] * 3},
+               stored)
+    with pytest.raises(export.ExportError) as err:
+        serving.load(CHAMPION_URI)
+    assert str(err.value).startswith(f"{CHAMPION_URI} (model.pt): refused: it holds more than tensors")
+    assert str(err.value).endswith(export.REPLACE_LOGGED) and "\n" not in str(err.value)
+    with pytest.raises(export.ExportError, match="refused: it holds more than tensors"):
+        mlflow.pyfunc.load_model(CHAMPION_URI)
+    assert not sentinel.exists()
+
+    # model.pt whose config no longer matches its weights.
+    stored.write_bytes(good)
+    payload = torch.load(stored, weights_only=True)
+    torch.save({**payload, "model_config": {**payload["model_config"], "hidden_dim": 192}}, stored)
+    with pytest.raises(export.ExportError) as err:
+        serving.load(CHAMPION_URI)
+    assert str(err.value) == (f"{CHAMPION_URI} (model.pt): weights do not match their model config "
+                              f"(hidden_dim=192 but the weights have 128); {export.REPLACE_LOGGED}")
+    with pytest.raises(export.ExportError, match=r"hidden_dim=192 but the weights have 128"):
+        mlflow.pyfunc.load_model(CHAMPION_URI)
 
 
 def test_models_serve_answers_invocations(champion: Champion, tmp_path: Path) -> None:

@@ -1,4 +1,7 @@
-"""A 2-worker Ray Train run tracked on a real MLflow server: one run, every epoch once, lineage tags."""
+"""A 2-worker Ray Train run tracked on a real MLflow server: one run, every epoch once, lineage tags.
+
+And what a run records (params, tags, artifacts, links) never carries a credential.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +12,12 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from mixer import export, reports, tracking, training
+from mixer import config, export, registry, reports, tracking, training
 
-from .conftest import tiny_config
-
-pytestmark = pytest.mark.usefixtures("ray_session")
+from .conftest import REPO, tiny_config
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_one_run_with_every_epoch_once_then_evaluation_attaches(tmp_path: Path, prepared_data: Path,
                                                                 mlflow_server: str) -> None:
     experiment = f"track-{tmp_path.name}"
@@ -53,6 +55,7 @@ def test_one_run_with_every_epoch_once_then_evaluation_attaches(tmp_path: Path, 
         assert [r["info"]["run_id"] for r in json.load(response)["runs"]] == [run.info.run_id]
 
 
+@pytest.mark.usefixtures("ray_session")
 def test_train_evaluate_register_promote_predict(tmp_path: Path, prepared_data: Path, mlflow_server: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """The `mixer` commands end to end on one server: the champion answers `mixer predict`."""
@@ -83,3 +86,48 @@ def test_train_evaluate_register_promote_predict(tmp_path: Path, prepared_data: 
     assert main(["predict", str(picture), *argv, *params]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"{picture}: ") and line.count("%") == 5
+
+
+def test_no_secret_reaches_params_tags_artifacts_or_links(tmp_path: Path, mlflow_server: str,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    """Credentials in the environment and inside URIs of the config stay out of what MLflow records."""
+    environment = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    secrets = {name: f"{name.lower()}-s3cr3t-{tmp_path.name[-6:]}"
+               for name in (*environment, "uri_password", "data_token", "ray_password")}
+    for name in environment:
+        monkeypatch.setenv(name, secrets[name])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")  # the test server ignores credentials
+    # The tracking URI comes from the environment, the way users point the project at a shared server.
+    host = mlflow_server.removeprefix("http://")
+    monkeypatch.setenv(config.ENV_TRACKING_URI, f"http://alice:{secrets['uri_password']}@{host}")
+    experiment = f"secrets-{tmp_path.name}"
+    cfg = config.load(REPO / "params.yaml", {
+        "mlflow.artifact_root": str(tmp_path / "artifacts"), "mlflow.experiment": experiment,
+        "mlflow.eval_experiment": f"{experiment}-eval", "mlflow.registered_model": experiment,
+        "data.url": f"https://mirror.example/cifar-100-python.tar.gz?token={secrets['data_token']}",
+        "ray.address": f"ray://bob:{secrets['ray_password']}@head.example:10001"})
+    assert secrets["uri_password"] in cfg.mlflow.tracking_uri  # the config does carry it
+
+    run_id = tracking.start_training_run(cfg, data_version=None, device="cpu")
+    with tracking.active(cfg, run_id):  # the fluent API, as log_model uses it; MLflow prints a link on exit
+        pass
+    error = f"API request to {cfg.mlflow.tracking_uri}/api/2.0/mlflow/runs/get failed"  # as MLflow words it
+    tracking.end_run(cfg, run_id, "FAILED", tags={"failure": error})
+    nightly_id = tracking.log_nightly_run(cfg, {"failure": error}, {}, failed=True)
+    with pytest.raises(registry.RegistryError) as err:
+        registry.version_info(cfg, registry.CHAMPION)  # no registered model: the error names the server
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.data.params["mlflow.tracking_uri"] == f"http://***@{host}"
+    assert run.data.params["data.url"].endswith("?token=***") and run.data.tags["failure"].startswith(
+        f"API request to http://***@{host}/")
+    recorded = [*run.data.params.values(), *run.data.tags.values(), *client.get_run(nightly_id).data.tags.values(),
+                tracking.run_url(cfg, run_id), str(err.value)]
+    artifacts = [path.read_text() for path in (tmp_path / "artifacts").rglob("*") if path.is_file()]
+    assert any("***@" in text for text in artifacts)  # params.yaml was logged, redacted
+    out, errors = capfd.readouterr()
+    for name, secret in secrets.items():
+        for text in (*recorded, *artifacts, out, errors):
+            assert secret not in text, name

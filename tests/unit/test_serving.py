@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -134,3 +136,92 @@ def test_pip_requirements_pin_installed_versions() -> None:
     assert [r.split("==")[0] for r in reqs] == ["torch", "numpy", "mlflow", "cifar100-mixer"]
     assert all("==" in r and "+" not in r for r in reqs)
     assert f"numpy=={np.__version__}" in reqs
+
+
+# A damaged or mismatched export: one ExportError line naming the file, the problem and the fix.
+
+def _edit_payload(folder: Path, **changes: object) -> None:
+    """Rewrite model.pt with some payload entries changed, as a hand edit or a bad merge would."""
+    payload = torch.load(folder / export.WEIGHTS_FILE, weights_only=True)
+    torch.save({**payload, **changes}, folder / export.WEIGHTS_FILE)
+
+
+def _edit_config(folder: Path, **fields: object) -> None:
+    payload = torch.load(folder / export.WEIGHTS_FILE, weights_only=True)
+    _edit_payload(folder, model_config={**payload["model_config"], **fields})
+
+
+def _drop_tensors(folder: Path, prefix: str) -> None:
+    state = torch.load(folder / export.WEIGHTS_FILE, weights_only=True)["state_dict"]
+    _edit_payload(folder, state_dict={k: v for k, v in state.items() if not k.startswith(prefix)})
+
+
+def _edit_summary(folder: Path, **fields: object) -> None:
+    path = folder / export.SUMMARY_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+def _edit_summary_config(folder: Path, **fields: object) -> None:
+    summary = json.loads((folder / export.SUMMARY_FILE).read_text())
+    _edit_summary(folder, model_config={**summary["model_config"], **fields})
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+WEIGHTS, SUMMARY = export.WEIGHTS_FILE, export.SUMMARY_FILE
+MISMATCH = "weights do not match their model config"
+DAMAGE = [  # (what breaks, the file named, words of the message)
+    (lambda f: _edit_config(f, hidden_dim=192), WEIGHTS, f"{MISMATCH} (hidden_dim=192 but the weights have 128)"),
+    (lambda f: _drop_tensors(f, "blocks.3."), WEIGHTS, f"{MISMATCH} (num_blocks=4 but the weights have 3)"),
+    (lambda f: _drop_tensors(f, "head.bias"), WEIGHTS, f"{MISMATCH} (no tensor head.bias)"),
+    (lambda f: _edit_summary_config(f, hidden_dim=192), SUMMARY,
+     "does not match model.pt (hidden_dim=192 in train.json but 128 in model.pt)"),
+    (lambda f: _edit_summary(f, std=[1.0, 1.0, 1.0]), SUMMARY, "does not match model.pt (std [1.0, 1.0, 1.0]"),
+    (lambda f: _edit_config(f, hidden_dim=0), WEIGHTS,
+     "invalid model config (model_config.hidden_dim: must be > 0, got 0)"),
+    (lambda f: _edit_payload(f, model_config=None), WEIGHTS,
+     "invalid model config (model_config: expected a section (mapping), got None)"),
+    (lambda f: _edit_payload(f, std=[0.2, 0.0, 0.2]), WEIGHTS, "invalid normalization stats (std:"),
+    (lambda f: (f / WEIGHTS).write_bytes(b""), WEIGHTS, "empty file"),
+    (lambda f: _truncate(f / WEIGHTS), WEIGHTS,
+     "not a readable model file (RuntimeError: PytorchStreamReader failed reading zip archive"),
+    (lambda f: torch.save({"weights": torch.zeros(3)}, f / WEIGHTS), WEIGHTS,
+     "not a mixer model export (no state_dict)"),
+    (lambda f: (f / SUMMARY).unlink(), SUMMARY, "missing (the export is incomplete)"),
+    (lambda f: _truncate(f / SUMMARY), SUMMARY, "not valid JSON ("),
+]
+DAMAGE_IDS = ["config hidden_dim", "fewer blocks", "missing tensor", "train.json config", "train.json std",
+              "invalid config", "no config", "zero std", "empty weights", "truncated weights", "foreign weights",
+              "no train.json", "truncated train.json"]
+
+
+@pytest.mark.parametrize("damage, file, words", DAMAGE, ids=DAMAGE_IDS)
+def test_a_damaged_export_is_one_line_naming_the_file(exported_folder: tuple[Path, torch.nn.Module],
+                                                      damage: Any, file: str, words: str) -> None:
+    folder = exported_folder[0]
+    damage(folder)
+    for load in (export.load, lambda f: serving._load_pyfunc(str(f))):
+        with pytest.raises(export.ExportError) as err:
+            load(folder)
+        message = str(err.value)
+        assert message.startswith(f"{folder / file}: ") and words in message, message
+        assert message.endswith(f"; {export.RE_EXPORT}") and "\n" not in message
+
+
+def test_a_logged_copy_is_named_by_its_uri(exported_folder: tuple[Path, torch.nn.Module]) -> None:
+    folder = exported_folder[0]
+    _edit_config(folder, hidden_dim=192)
+    with pytest.raises(export.ExportError) as err:
+        export.load(folder, source="models:/cifar100-mixer@champion")
+    assert str(err.value) == (f"models:/cifar100-mixer@champion (model.pt): {MISMATCH} "
+                              f"(hidden_dim=192 but the weights have 128); {export.REPLACE_LOGGED}")
+
+
+def test_a_missing_export_says_to_train(tmp_path: Path) -> None:
+    with pytest.raises(export.ExportError, match=r"model\.pt: no exported model; run `mixer train`"):
+        export.load(tmp_path / "models")
+    with pytest.raises(export.ExportError, match=r"train\.json: no exported model; run `mixer train`"):
+        export.read_summary(tmp_path / "models")
