@@ -11,7 +11,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +70,7 @@ def _register(cfg: Config, args: argparse.Namespace) -> None:
                                          "run `mixer train` first")
         publish.write_registered(cfg, info)
     else:
-        info = publish.register_models(cfg)
+        info = publish.register_models(cfg, args.source)
     state = "registered" if info.created else "already registered as"
     print(f"{state} {cfg.mlflow.registered_model} version {info.version} (run {info.run_id}) "
           f"aliases: {', '.join(info.aliases) or '-'}")
@@ -150,6 +152,9 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
 def _register_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--best", action="store_true",
                         help="register the run with the best val top-1 on this data version instead of models/")
+    parser.add_argument("--from", dest="source", type=Path, default=None, metavar="DIR",
+                        help="an exported model folder (default: train.models_dir); one trained while MLflow "
+                             "was unreachable is logged to MLflow first")
 
 
 def _promote_arguments(parser: argparse.ArgumentParser) -> None:
@@ -215,16 +220,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # A progress bar per model download would bury the one line `mixer predict` prints per image.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A failing MLflow server costs seconds, not MLflow's default minutes of retries, before
+    # training carries on untracked (mixer/tracking.py).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [item for item in argv if OVERRIDE.match(item)]
     args = _parser().parse_args([item for item in argv if not OVERRIDE.match(item)])
     command = COMMANDS[args.command]
+    received: list[int] = []
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a scheduler, `kill`, a container stop) ends a run as cleanly as Ctrl-C does.
+        signal.signal(signal.SIGTERM, lambda signum, frame: _interrupt(received, signum))
     try:
         cfg = config.load(args.params, config.parse_overrides(overrides))
         command.run(cfg, args)
-    except KeyboardInterrupt:
-        print("mixer: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        if args.debug:
+            raise
+        print(f"mixer {args.command}: {' '.join(str(err).split()) or 'interrupted'}", file=sys.stderr)
+        return 128 + (received[0] if received else signal.SIGINT)
     except Exception as err:
         if args.debug:
             raise
@@ -235,9 +250,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _interrupt(received: list[int], signum: int) -> None:
+    received.append(signum)
+    raise KeyboardInterrupt
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
-    return text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
+    text = text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
+    # MLflow's errors quote the tracking URI, credentials included; MLflow can only have failed
+    # if it was imported, so the redaction is skipped (not imported: ~2 s) when it was not.
+    tracking = sys.modules.get("mixer.tracking")
+    return tracking.redact(text) if tracking else text
 
 
 if __name__ == "__main__":

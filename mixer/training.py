@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import math
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,12 +119,16 @@ def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[f
         train_seconds = time.perf_counter() - started
         val_loss, val_top1, val_top5 = _validate(raw_model, val, mean, std, cfg, session)
 
-        if t.schedule == "plateau":
+        train_loss = float(sums[0] / sums[2])  # the epoch's one host sync (identical on every rank)
+        # A nan/inf loss never recovers: stop on every rank at once, and keep its weights out of the
+        # checkpoints so that the last good epoch stays the one to resume from.
+        diverged = not (math.isfinite(train_loss) and math.isfinite(val_loss))
+        if t.schedule == "plateau" and not diverged:
             scheduler.step(val_loss)
         improved = val_loss < state["best_val_loss"]
         metrics = {
             "epoch": epoch + 1,
-            "train_loss": float(sums[0] / sums[2]),
+            "train_loss": train_loss,
             "train_top1": float(sums[1] / sums[2]),
             "val_loss": val_loss,
             "val_top1": val_top1,
@@ -137,11 +143,11 @@ def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[f
                  "history": [*state["history"], metrics]}
         stop = t.early_stopping_patience > 0 and state["bad_epochs"] >= t.early_stopping_patience
         checkpoint = None
-        if session.rank == 0:
+        if session.rank == 0 and not diverged:
             checkpoint = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "state": state}
-        session.report({**metrics, "early_stopped": stop}, checkpoint)
-        if stop:
+        session.report({**metrics, "early_stopped": stop, "diverged": diverged}, checkpoint)
+        if stop or diverged:
             break
 
 
@@ -349,39 +355,155 @@ def load_inputs(cfg: Config) -> TrainingInputs:
 
 
 def fit(cfg: Config, callbacks: Sequence[UserCallback] = (), inputs: TrainingInputs | None = None) -> FitResult:
-    """Train with Ray Train, tracked as one MLflow run; export the best epoch to models_dir and log it."""
+    """Train with Ray Train, tracked as one MLflow run; export the best epoch to models_dir and log it.
+
+    Every run has a name (train.run_name, else a generated one): an interrupted run resumes from its
+    last checkpoint when started again with that name. The best epoch reaches models_dir before
+    MLflow sees it, so a tracking server that is down loses nothing: `mixer register --from` logs and
+    registers the folder later.
+    """
     from mixer import tracking
 
+    cfg = config.replace(cfg, {"train.run_name": cfg.train.run_name or unique_name("mixer")})
     device = "cuda" if cfg.ray.use_gpu else "cpu"
     connect(cfg)
     inputs = inputs or load_inputs(cfg)
-    run_id = tracking.start_training_run(cfg, inputs.data_version, device)
+    run_id = tracking.start_training_run_if_reachable(cfg, inputs.data_version, device)  # None: untracked
+    handlers: list[Callable[[dict[str, Any]], None]] = [ProgressLine(cfg.train.epochs)]
+    if run_id:
+        handlers.append(tracking.EpochLog(cfg.mlflow.tracking_uri, run_id))
+    handlers.append(stop_if_diverged)  # after logging: the nan epoch shows in the curves
     try:
-        on_epoch = OnEpoch(ProgressLine(cfg.train.epochs), tracking.EpochLog(cfg.mlflow.tracking_uri, run_id))
-        best_state, history = run_trainer(cfg, inputs, [on_epoch, *callbacks])
-        model_uri = export_best(cfg, inputs, best_state, history, run_id, cfg.train.models_dir)
-        best_epoch = best_state["state"]["epoch"]
-        best = history[best_epoch - 1]
+        best_state, history = _on_helper_thread(run_trainer, cfg, inputs, [OnEpoch(*handlers), *callbacks])
+    except BaseException as err:
+        failure = _explain(cfg, err)
+        if run_id:
+            tracking.end_run_quietly(cfg, run_id, "KILLED" if isinstance(failure or err, KeyboardInterrupt)
+                                     else "FAILED")
+        if failure is None:
+            raise
+        raise failure from None
+    best_epoch = best_state["state"]["epoch"]
+    best = history[best_epoch - 1]
+    save_best(cfg, inputs, best_state, history, run_id, cfg.train.models_dir)
+    if run_id is None:
+        raise tracking.TrackingUnavailable(tracking.register_later(cfg, cfg.train.models_dir, "was unreachable"))
+    try:
+        tracking.log_history(cfg, run_id, history)  # epochs the live log missed (a server hiccup)
+        model_uri = log_best(cfg, inputs, run_id, cfg.train.models_dir)
         tracking.finish_training_run(cfg, run_id, {"best_val_top1": best["val_top1"],
                                                    "best_val_loss": best["val_loss"], "best_epoch": best_epoch},
                                      cfg.train.models_dir, model_uri)
-    except BaseException:
-        tracking.fail_run(cfg, run_id)
-        raise
+    except Exception as err:
+        raise tracking.TrackingUnavailable(tracking.register_later(
+            cfg, cfg.train.models_dir, f"failed ({type(err).__name__}: {' '.join(str(err).split())[:200]})")) from err
     return FitResult(cfg.train.models_dir, best_epoch, history, run_id, model_uri)
+
+
+class TrainingError(ValueError):
+    """Training stopped for a reason the user can act on; the message says what to do."""
+
+
+class TrainingDiverged(TrainingError):
+    """The loss became nan or inf."""
+
+
+class CheckpointWriteError(TrainingError):
+    """A checkpoint could not be written (a full disk)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM while training; the message says how to resume."""
+
+
+def stop_if_diverged(metrics: dict[str, Any]) -> None:
+    """On the controller: end the run at the first nan/inf epoch (the workers stopped already)."""
+    if metrics.get("diverged"):
+        raise TrainingDiverged(
+            f"training diverged: train loss {metrics['train_loss']}, val loss {metrics['val_loss']} in epoch "
+            f"{metrics['epoch']} (lr {metrics['lr']:.2e}); nothing was exported or registered; lower train.lr "
+            f"or use train.precision=fp32 and train again")
+
+
+def _on_helper_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(*args) on a helper thread, so that Ctrl-C and SIGTERM reach this (main) thread.
+
+    On the main thread, Ray Train installs its own SIGINT handler, which aborts the run and exits
+    the process with status 0; here the interrupt is raised instead, so that fit() closes the MLflow
+    run as KILLED and says how to resume.
+    """
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn(*args)
+        except BaseException as err:  # handed to the caller's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="mixer-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # a timed wait: signals are handled between waits
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _explain(cfg: Config, err: BaseException) -> BaseException | None:
+    """The one-line error for a failure the user can act on; None for anything else."""
+    resume = f"rerun the same command with train.run_name={cfg.train.run_name} to resume"
+    if isinstance(err, KeyboardInterrupt):
+        return TrainingInterrupted(f"interrupted: each finished epoch is checkpointed in "
+                                   f"{cfg.ray.storage_path}/{cfg.train.run_name}; {resume}")
+    for cause in _causes(err):
+        if isinstance(cause, TrainingError):
+            return cause
+        if (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or "No space left on device" in str(cause):
+            return CheckpointWriteError(
+                f"no space left on the device while writing a checkpoint to {cfg.ray.storage_path}: the "
+                f"checkpoints of earlier epochs are intact; free some space, then {resume}")
+    return None
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """err and everything it wraps: chained exceptions, Ray Train's controller and worker failures."""
+    pending, seen = [err], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        wrapped = [current.__cause__, current.__context__, getattr(current, "controller_failure", None),
+                   getattr(current, "cause", None), *getattr(current, "worker_failures", {}).values()]
+        pending.extend(e for e in wrapped if isinstance(e, BaseException))
 
 
 def export_best(cfg: Config, inputs: TrainingInputs, best_state: dict[str, Any], history: list[dict[str, float]],
                 run_id: str, models_dir: Path) -> str:
     """Write the best epoch to `models_dir` and log it as the MLflow model of `run_id`; returns its URI."""
-    from mixer import serving, tracking
+    save_best(cfg, inputs, best_state, history, run_id, models_dir)
+    return log_best(cfg, inputs, run_id, models_dir)
+
+
+def save_best(cfg: Config, inputs: TrainingInputs, best_state: dict[str, Any], history: list[dict[str, float]],
+              run_id: str | None, models_dir: Path) -> None:
+    """Write the best epoch to `models_dir` (atomically), with what registering it later needs."""
+    from mixer import tracking
 
     meta = inputs.meta
     export.save(models_dir, best_state["model"], cfg.model, meta["mean"], meta["std"], info={
         "best_epoch": best_state["state"]["epoch"], "epochs_run": len(history), "history": history,
         "num_workers": cfg.ray.num_workers, "device": "cuda" if cfg.ray.use_gpu else "cpu",
         "precision": cfg.train.precision, "class_names": meta["fine_label_names"],
-        "data_version": inputs.data_version, "mlflow_run_id": run_id})
+        "data_version": inputs.data_version, "mlflow_run_id": run_id, "run_name": cfg.train.run_name,
+        "params": tracking.logged_config(cfg)})
+
+
+def log_best(cfg: Config, inputs: TrainingInputs, run_id: str, models_dir: Path) -> str:
+    """Log `models_dir` as the MLflow model of `run_id`; returns its URI (also noted in the folder)."""
+    from mixer import serving, tracking
+
     with tracking.active(cfg, run_id):
         model_uri = serving.log_model(models_dir, inputs.example_images)
     export.annotate(models_dir, mlflow_model_uri=model_uri)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,13 @@ def test_selectable_recipe_parts_train(splits, overrides: dict) -> None:
     assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in session.reports)
     if overrides.get("train.schedule") == "cosine":
         assert session.reports[0]["lr"] < session.reports[1]["lr"]  # still warming up at the start of epoch 1
+
+
+def test_a_nan_loss_stops_at_once_without_a_checkpoint(splits) -> None:
+    # A learning rate no model survives: after one step the weights are ~1e30 and the loss overflows.
+    session = run(small(4, **{"train.lr": 1.0e30}), splits)
+
+    assert len(session.reports) == 1  # stopped at the first bad epoch, on every rank alike
+    diverged = session.reports[0]
+    assert diverged["diverged"] and not math.isfinite(diverged["train_loss"])
+    assert session.last_checkpoint is None  # the bad weights never became a checkpoint
