@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mixer {args.command}: {' '.join(str(err).split()) or 'interrupted'}", file=sys.stderr)
-        return 128 + (received[0] if received else signal.SIGINT)
+        return 128 + getattr(err, "signum", received[0] if received else signal.SIGINT)
     except Exception as err:
         if args.debug:
             raise

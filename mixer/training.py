@@ -12,6 +12,7 @@ import contextlib
 import copy
 import errno
 import math
+import signal
 import tempfile
 import threading
 import time
@@ -374,9 +375,10 @@ def fit(cfg: Config, callbacks: Sequence[UserCallback] = (), inputs: TrainingInp
         handlers.append(tracking.EpochLog(cfg.mlflow.tracking_uri, run_id))
     handlers.append(stop_if_diverged)  # after logging: the nan epoch shows in the curves
     try:
-        best_state, history = _on_helper_thread(run_trainer, cfg, inputs, [OnEpoch(*handlers), *callbacks])
+        with _sigterm_interrupts() as received:
+            best_state, history = _on_helper_thread(run_trainer, cfg, inputs, [OnEpoch(*handlers), *callbacks])
     except BaseException as err:
-        failure = _explain(cfg, err)
+        failure = _explain(cfg, err, received)
         if run_id:
             tracking.end_run_quietly(cfg, run_id, "KILLED" if isinstance(failure or err, KeyboardInterrupt)
                                      else "FAILED")
@@ -415,6 +417,10 @@ class CheckpointWriteError(TrainingError):
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM while training; the message says how to resume."""
 
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
 
 def stop_if_diverged(metrics: dict[str, Any]) -> None:
     """On the controller: end the run at the first nan/inf epoch (the workers stopped already)."""
@@ -449,12 +455,36 @@ def _on_helper_thread(fn: Callable[..., Any], *args: Any) -> Any:
     return outcome["value"]
 
 
-def _explain(cfg: Config, err: BaseException) -> BaseException | None:
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[list[int]]:
+    """Within the block, SIGTERM interrupts like Ctrl-C; yields the signals received.
+
+    Ray's driver installs a SIGTERM handler that only exits, which would leave the MLflow run
+    RUNNING and no word on how to resume. Only the main thread can handle signals.
+    """
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _explain(cfg: Config, err: BaseException, signals: Sequence[int] = ()) -> BaseException | None:
     """The one-line error for a failure the user can act on; None for anything else."""
     resume = f"rerun the same command with train.run_name={cfg.train.run_name} to resume"
     if isinstance(err, KeyboardInterrupt):
         return TrainingInterrupted(f"interrupted: each finished epoch is checkpointed in "
-                                   f"{cfg.ray.storage_path}/{cfg.train.run_name}; {resume}")
+                                   f"{cfg.ray.storage_path}/{cfg.train.run_name}; {resume}",
+                                   signals[0] if signals else signal.SIGINT)
     for cause in _causes(err):
         if isinstance(cause, TrainingError):
             return cause

@@ -135,10 +135,11 @@ def test_a_killed_worker_resumes_from_the_checkpoint_in_the_same_mlflow_run(
     assert [m.step for m in client.get_metric_history(result.run_id, "val_loss")] == [1, 2, 3, 4]
 
 
-def test_an_interrupted_named_run_resumes_where_it_stopped(tmp_path: Path, prepared_data: Path,
-                                                           ray_session: str) -> None:
-    """SIGKILL `mixer train` after its second epoch; the same command again finishes the same runs."""
+def test_ctrl_c_and_sigterm_leave_a_run_that_resumes_where_it_stopped(tmp_path: Path, prepared_data: Path,
+                                                                     ray_session: str) -> None:
+    """Ctrl-C `mixer train` after epoch 2, SIGTERM the resumed run after epoch 4, then finish it."""
     import os
+    import re
     import signal
     import subprocess
     import sys
@@ -147,33 +148,42 @@ def test_an_interrupted_named_run_resumes_where_it_stopped(tmp_path: Path, prepa
     from mlflow import MlflowClient
 
     cfg = tiny_config(tmp_path, prepared_data, **{"train.epochs": 6, "train.limit_train_batches": 10,
-                                                  "train.run_name": "resumable", "ray.num_workers": 1})
+                                                  "ray.num_workers": 1})
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({k: v for k, v in cfg.to_dict().items() if k != "root"}))
     command = [str(Path(sys.executable).parent / "mixer"), "train", "--params", str(params)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}  # params decide
     env["RAY_ADDRESS"] = ray_session
-
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in first.stdout:  # type: ignore[union-attr]
-        seen.append(line)
-        if "epoch   2/6" in line:
-            first.send_signal(signal.SIGKILL)  # no clean-up of any kind: as if the machine went down
-            break
-    first.wait(timeout=60)
-    assert any("epoch   2/6" in line for line in seen), "".join(seen[-20:])
-
-    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    output = second.stdout + second.stderr
-    assert "epoch   6/6" in output and "epoch   1/6" not in output  # resumed, not started over
-
     client = MlflowClient(cfg.mlflow.tracking_uri)
+
+    def interrupt(argv: list[str], after: str, sig: int) -> str:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if after in line:
+                proc.send_signal(sig)
+                break
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig, stderr[-3000:]
+        [run] = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+        assert run.info.status == "KILLED"  # a clean status, not a run left RUNNING
+        return stderr
+
+    # No name given: the interruption names the run and says how to resume it, in one line.
+    stderr = interrupt(command, "epoch   2/6", signal.SIGINT)
+    [line] = [line for line in stderr.splitlines() if line.startswith("mixer train: interrupted")]
+    name = re.search(r"train\.run_name=(\S+) to resume", line).group(1)
+    resume = [*command, f"train.run_name={name}"]
+    interrupt(resume, "epoch   4/6", signal.SIGTERM)
+
+    finished = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    output = finished.stdout + finished.stderr
+    assert "epoch   6/6" in output and "epoch   4/6" not in output  # resumed, not started over
+
     runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [1, 2, 3, 4, 5, 6]
     assert export.read_summary(cfg.train.models_dir)["epochs_run"] == 6
 
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "finished already; choose a new name" in again.stderr
