@@ -64,7 +64,7 @@ def _register(cfg: Config, args: argparse.Namespace) -> None:
     from mixer import publish, registry, versioning
 
     if args.best:
-        info = registry.register_best(cfg, versioning.data_version(cfg.root, cfg.data.out_dir))
+        info = registry.register_best(cfg, versioning.check_data_matches_lock(cfg.root, cfg.data.out_dir))
         if info is None:
             raise registry.RegistryError("no finished training run with a logged model on this data version; "
                                          "run `mixer train` first")

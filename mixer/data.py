@@ -15,6 +15,7 @@ import logging
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -23,7 +24,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from mixer.atomic import atomic_dir, atomic_file
-from mixer.cifar_archive import DataError, read_archive
+from mixer.cifar_archive import NUM_COARSE, NUM_FINE, DataError, read_archive
 from mixer.config import DataConfig
 
 __all__ = ["ARRAYS", "SPLITS", "DataError", "DownloadError", "Split", "channel_stats", "fetch", "file_md5",
@@ -76,9 +77,16 @@ def fetch(cfg: DataConfig) -> Path:
         raise DataError(f"data.url {cfg.url}: unsupported scheme {parts.scheme!r}; "
                         f"use https://, http://, file:// or a local path")
     path = path.absolute()
+    if path.is_dir():
+        raise DataError(f"archive {path}: a folder, not the archive file; fix data.url / MIXER_DATA_URL")
     if not path.is_file():
         raise DataError(f"archive {path}: not found; fix data.url / MIXER_DATA_URL")
-    actual = file_md5(path)
+    if path.stat().st_size == 0:
+        raise DataError(f"archive {path}: empty (0 bytes); re-download it or fix data.url / MIXER_DATA_URL")
+    try:
+        actual = file_md5(path)
+    except OSError as err:  # e.g. no read permission
+        raise DataError(f"archive {path}: unreadable ({_one_line(err)}); check the file's permissions") from None
     if actual != cfg.md5:
         raise DataError(f"archive {path}: md5 {actual} does not match data.md5 {cfg.md5}; "
                         f"re-download it or fix data.md5 / MIXER_DATA_MD5")
@@ -95,6 +103,9 @@ def ingest(cfg: DataConfig) -> Path:
     train_idx, val_idx = split_indices(full_train.fine_labels, cfg.val_fraction, cfg.split_seed)
     if len(train_idx) == 0:
         raise DataError(f"data.val_fraction {cfg.val_fraction}: holds out every training image; lower it")
+    if len(val_idx) == 0:
+        raise DataError(f"data.val_fraction {cfg.val_fraction}: rounds to no validation image in any class "
+                        f"({len(full_train)} training images); raise it")
     splits = {"train": _take(full_train, train_idx), "val": _take(full_train, val_idx),
               "test": Split(**official.test)}
     mean, std = channel_stats(splits["train"].images)
@@ -125,7 +136,7 @@ def load_split(out_dir: Path, name: str) -> Split:
     try:
         with np.load(path, allow_pickle=False) as npz:
             split = Split(**{key: npz[key] for key in ARRAYS})
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # EOFError: empty
         raise DataError(f"{path}: unreadable ({_one_line(err)}); {_RERUN}") from None
     images = split.images
     if not (images.dtype == np.uint8 and images.ndim == 4 and images.shape[1:] == (32, 32, 3)
@@ -133,6 +144,11 @@ def load_split(out_dir: Path, name: str) -> Split:
                     for labels in (split.fine_labels, split.coarse_labels))):
         raise DataError(f"{path}: arrays of the wrong shape or dtype "
                         f"(images {images.dtype} {images.shape}); {_RERUN}")
+    for key, num_classes in (("fine_labels", NUM_FINE), ("coarse_labels", NUM_COARSE)):
+        labels = getattr(split, key)
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DataError(f"{path}: {key} outside [0, {num_classes}) (got [{labels.min()}, {labels.max()}]); "
+                            f"{_RERUN}")
     return split
 
 

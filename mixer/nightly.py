@@ -48,7 +48,7 @@ class NightlyResult:
 def check_champion(cfg: Config) -> NightlyResult:
     """Evaluate the champion and record the result; raises NightlyCheckFailed after recording a failure."""
     name = cfg.mlflow.registered_model
-    data_version = versioning.data_version(cfg.root, cfg.data.out_dir)
+    data_version = versioning.check_data_matches_lock(cfg.root, cfg.data.out_dir)
     try:
         champion = registry.version_info(cfg, registry.CHAMPION)
     except registry.RegistryError as err:

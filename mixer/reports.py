@@ -27,6 +27,7 @@ CURVE_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "v
 def evaluate_models(cfg: Config, models_dir: Path | None = None) -> dict[str, Any]:
     """Score the exported model on the test split and write metrics and plots; returns eval.json."""
     exported = export.load(models_dir or cfg.train.models_dir)
+    data_version = versioning.check_data_matches_lock(cfg.root, cfg.data.out_dir)  # before the split is read
     test = data.load_split(cfg.data.out_dir, "test")
     meta = data.load_meta(cfg.data.out_dir)
     result = evaluate(exported.model, test.images, test.fine_labels, exported.mean, exported.std,
@@ -34,7 +35,7 @@ def evaluate_models(cfg: Config, models_dir: Path | None = None) -> dict[str, An
                       num_classes=exported.config.num_classes)
     metrics = {
         **result.to_metrics(),
-        "data_version": versioning.data_version(cfg.root, cfg.data.out_dir),
+        "data_version": data_version,
         "preset": exported.config.preset,
         "best_epoch": exported.summary.get("best_epoch"),
     }

@@ -348,11 +348,12 @@ def load_inputs(cfg: Config) -> TrainingInputs:
     """Read the prepared splits and put them in the object store (connect() first)."""
     from mixer import versioning
 
+    data_version = versioning.check_data_matches_lock(cfg.root, cfg.data.out_dir)  # before any split is read
     train_split = data.load_split(cfg.data.out_dir, "train")
     val_split = data.load_split(cfg.data.out_dir, "val")
     return TrainingInputs(train=ray.put(train_split), val=ray.put(val_split),
                           meta=data.load_meta(cfg.data.out_dir), example_images=val_split.images[:2].copy(),
-                          data_version=versioning.data_version(cfg.root, cfg.data.out_dir))
+                          data_version=data_version)
 
 
 def fit(cfg: Config, callbacks: Sequence[UserCallback] = (), inputs: TrainingInputs | None = None) -> FitResult:

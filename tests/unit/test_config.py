@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -78,7 +79,7 @@ def test_environment_points_ingestion_at_a_mirror(monkeypatch: pytest.MonkeyPatc
     ({"data.val_fraction": 0}, "data.val_fraction: must be in (0, 1), got 0"),
     ({"ray.use_gpu": True, "ray.gpus_per_worker": 0}, "ray.gpus_per_worker: must be > 0 when use_gpu is true"),
     ({"train.batch_sise": 64}, "train.batch_sise: unknown key (did you mean train.batch_size?)"),
-    ({"trian.epochs": 1}, "trian: unknown key (did you mean train?)"),
+    ({"trian.epochs": 1}, "trian.epochs: unknown key (did you mean train.epochs?)"),
     ({"train.augment": 3}, "train.augment: expected a section (mapping), got 3"),
 ])
 def test_bad_values_stop_with_one_line_naming_the_key(overrides: dict, message: str) -> None:
@@ -152,3 +153,123 @@ def test_ray_address_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
     assert config.load(PARAMS).ray.address == "10.0.0.5:6379"
     assert config.load(PARAMS, {"ray.address": "ray://head:10001"}).ray.address == "ray://head:10001"
+
+
+# --- every field checked at load: type, range, allowed values, conflicts ---------------------------
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"train.lr": float("nan")}, "train.lr: expected a finite number, got nan"),
+    ({"train.lr": "inf"}, "train.lr: expected a finite number, got 'inf'"),
+    ({"ray.cpus_per_worker": float("inf")}, "ray.cpus_per_worker: expected a finite number, got inf"),
+    ({"train.weight_decay": 10 ** 400}, "train.weight_decay: expected a finite number, got 100000000000"),
+    ({"model.image_size": 64}, "model.image_size: must be 32 (CIFAR-100 images are 32x32), got 64"),
+    ({"model.in_channels": 1}, "model.in_channels: must be 3 (CIFAR-100 images are RGB), got 1"),
+    ({"model.num_classes": 20}, "model.num_classes: must be 100 (CIFAR-100 has 100 fine classes), got 20"),
+    ({"train.augment.crop_padding": 32}, "train.augment.crop_padding: must be in [0, 32), got 32"),
+    ({"train.seed": 2 ** 64}, "train.seed: must be in [0, 2**32), got 18446744073709551616"),
+    ({"data.split_seed": -1}, "data.split_seed: must be in [0, 2**32), got -1"),
+    ({"data.url": "ftp://mirror/c.tgz"},
+     "data.url: must be an https://, http:// or file:// URL or a local path, got 'ftp://mirror/c.tgz'"),
+    ({"data.md5": " " * 32}, "data.md5: expected a non-empty string, got '                                '"),
+    ({"data.out_dir": "data/\x00"}, r"data.out_dir: must not contain a NUL character, got 'data/\x00'"),
+    ({"mlflow.experiment": ""}, "mlflow.experiment: expected a non-empty string, got ''"),
+    ({"mlflow.registered_model": "team/mixer"},
+     "mlflow.registered_model: must not contain / or : (MLflow model names), got 'team/mixer'"),
+    ({"eval.notify_block": "Slack Alerts"}, "eval.notify_block: must be <block-type>/<name> or <name> in "
+                                            "lowercase letters, digits and -, got 'Slack Alerts'"),
+    ({"model.preset": ["seed"]}, "model.preset: expected a non-empty string, got ['seed']"),
+    ({"sweep.space": {"train.lr": {"uniform": [0.001, float("inf")]}}},
+     "sweep.space.train.lr.uniform: expected [low, high] with low < high, got [0.001, inf]"),
+    ({"sweep.space": {"model.hidden_dim": {"randint": [64.5, 128]}}},
+     "sweep.space.model.hidden_dim.randint: expected [low, high] (integers) with low < high, got [64.5, 128]"),
+    ({"sweep.space.train.lr": 5},
+     "sweep.space.train.lr: expected one of {grid, choice, uniform, loguniform, randint}: [values], got 5"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None)
+def test_every_field_is_checked(overrides: dict, message: str) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(PARAMS, overrides)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"train.schedule": "cosine", "train.warmup_epochs": 100},
+     "train.warmup_epochs: must be less than train.epochs (100) with the cosine schedule, or the learning rate "
+     "never decays, got 100"),
+    ({"ray.use_gpu": False, "ray.gpus_per_worker": 1},
+     "ray.gpus_per_worker: 1 would be ignored: ray.use_gpu is false (workers train on CPUs); set "
+     "ray.use_gpu=true, or gpus_per_worker=0"),
+    ({"train.batch_size": 128, "ray.num_workers": 3},
+     "train.batch_size: must be a multiple of ray.num_workers (3) so every worker gets the same share, got 128"),
+    ({"data.out_dir": "."}, f"data.out_dir: {REPO} holds the project (params.yaml); each run replaces that "
+                            f"folder as a whole, so give it one of its own (e.g. data/cifar100)"),
+    ({"train.models_dir": ".."}, f"train.models_dir: {REPO.parent} holds the project (params.yaml)"),
+    ({"data.download_dir": "data/cifar100/downloads"},
+     f"data.download_dir: {REPO}/data/cifar100/downloads lies inside data.out_dir ({REPO}/data/cifar100), "
+     f"which each run replaces as a whole; move one of them"),
+    ({"eval.metrics_dir": "models"}, f"eval.metrics_dir: {REPO}/models lies inside train.models_dir"),
+    ({"train.models_dir": "data/cifar100/models"}, "train.models_dir: "),
+    ({"data.url": "data/cifar100/cifar-100-python.tar.gz"}, "data.url: "),
+], ids=["cosine-warmup", "gpus-without-use-gpu", "batch-per-worker", "out-dir-is-the-project",
+        "models-dir-holds-the-project", "downloads-in-out-dir", "metrics-in-models-dir", "models-in-out-dir",
+        "archive-in-out-dir"])
+def test_conflicting_settings_are_caught_at_load(overrides: dict, message: str) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(PARAMS, overrides)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_cosine_warmup_shorter_than_training_loads() -> None:
+    cfg = config.load(PARAMS, {"train.schedule": "cosine", "train.warmup_epochs": 5, "train.epochs": 6})
+    assert cfg.train.warmup_epochs == 5
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("trian.epochs=1", "trian.epochs: unknown key (did you mean train.epochs?)"),
+    ("train.batch_sise=64", "train.batch_sise: unknown key (did you mean train.batch_size?)"),
+    ("train.dropout=0.1", "train.dropout: unknown key (did you mean model.dropout?)"),
+    ("eval.lr=0.1", "eval.lr: unknown key (did you mean train.lr?)"),
+    ("train.augment.flipp=true", "train.augment.flipp: unknown key (did you mean train.augment.flip?)"),
+    ("modle.hiden_dim=64", "modle.hiden_dim: unknown key (did you mean model.hidden_dim?)"),
+    ("colour=red", "colour: unknown key"),
+    ("root=/tmp", "root: unknown key"),
+    ("train.epochs.max=3", "train.epochs.max: epochs is a value, not a section"),
+    ("train.schedule=step\nplateau", r"train.schedule: must be one of plateau, cosine, got step\nplateau"),
+])
+def test_an_unknown_override_gets_a_suggestion(item: str, message: str) -> None:
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(PARAMS, config.parse_overrides([item]))
+    assert str(caught.value) == message
+
+
+def params_with(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda text: text.replace("  batch_size: 128", "  batch_sise: 128"),
+     "train.batch_sise: unknown key (did you mean train.batch_size?)"),
+    (lambda text: text.replace("  label_smoothing: 0.0", "  dropout: 0.1"),
+     "train.dropout: unknown key (did you mean model.dropout?)"),
+    (lambda text: text + "\ntrain:\n  epochs: 5\n", "key 'train' appears twice in one section "
+                                                     "(YAML would silently keep the last); keep one"),
+    (lambda text: text.replace("  lr: 5.0e-3", "  lr: 5.0e-3\n  lr: 1.0e-3"), "key 'lr' appears twice"),
+    (lambda text: "a: 1\nb: 2\na: 3\n", "params.yaml: line 3: key 'a' appears twice"),
+    (lambda text: "root: /elsewhere\n" + text, "root: not a params key"),
+], ids=["typo", "wrong-section", "duplicate-section", "duplicate-key", "duplicate-line", "root"])
+def test_params_file_mistakes_are_named(tmp_path: Path, edit: Any, message: str) -> None:
+    path = params_with(tmp_path, edit(PARAMS.read_text()))
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_an_unreadable_params_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_bytes(b"train:\n  epochs: \xff\n")
+    with pytest.raises(config.ConfigError, match=r"params.yaml: not UTF-8 text \(byte 17\); save it as UTF-8$"):
+        config.load(tmp_path / "params.yaml")
+    (tmp_path / "params").mkdir()
+    with pytest.raises(config.ConfigError, match=r"params: unreadable \(Is a directory\)$"):
+        config.load(tmp_path / "params")
