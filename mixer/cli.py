@@ -7,6 +7,7 @@ model) print one line and exit non-zero; `--debug` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -30,6 +31,13 @@ def _ingest(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> None:
+    from mixer import ray_cluster
+
+    # Importing torch and Ray Train takes ~7 s on 2 cores, starting Ray about as long: do both at once.
+    importer = threading.Thread(target=importlib.import_module, args=("mixer.training",), daemon=True)
+    importer.start()
+    ray_cluster.connect(cfg)
+    importer.join()
     from mixer import training
 
     result = training.fit(cfg)

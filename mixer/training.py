@@ -36,6 +36,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 # worker start) are needed only on the driver: its functions import tracking, serving and versioning
 # where they use them.
 from mixer import cluster, config, data, export
+from mixer.ray_cluster import connect
 from mixer.augment import augment_batch, normalize
 from mixer.config import Config
 from mixer.evaluation import topk_correct
@@ -334,16 +335,6 @@ class TrainingInputs:
     data_version: str | None
 
 
-def connect(cfg: Config) -> None:
-    """Join ray.address (or RAY_ADDRESS), else start Ray on this machine; check the cluster fits the config."""
-    cluster.check_before_connect(cfg)
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-    if cfg.ray.address:  # a cluster of several hosts needs shared storage and a tracking server
-        cluster.check_nodes(cfg, [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]])
-    _check_resources(cfg)
-
-
 def load_inputs(cfg: Config) -> TrainingInputs:
     """Read the prepared splits and put them in the object store (connect() first)."""
     from mixer import versioning
@@ -605,27 +596,3 @@ def _checkpoint_dir(checkpoint: ray.train.Checkpoint | None) -> Iterator[Path]:
         raise RuntimeError("training reported no checkpoint")
     with checkpoint.as_directory() as folder:
         yield Path(folder)
-
-
-def _check_resources(cfg: Config) -> None:
-    """Fail at start, not after a silent wait for workers that no node can ever place."""
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    r = cfg.ray
-    if r.use_gpu and sum(node.get("GPU", 0) for node in nodes) == 0:
-        raise cluster.ClusterError("ray.use_gpu is true but the Ray cluster has no GPUs; set ray.use_gpu=false "
-                           "or add GPU nodes")
-    placeable = sum(_fits(node, r.cpus_per_worker, r.gpus_per_worker if r.use_gpu else 0) for node in nodes)
-    if placeable < r.num_workers:
-        sizes = ", ".join(f"{node.get('CPU', 0):g} CPU/{node.get('GPU', 0):g} GPU" for node in nodes)
-        raise cluster.ClusterError(
-            f"ray.num_workers={r.num_workers} workers of {r.cpus_per_worker:g} CPUs"
-            f"{f' and {r.gpus_per_worker:g} GPUs' if r.use_gpu else ''} each do not fit the Ray cluster's "
-            f"nodes ({sizes}): at most {placeable} fit; lower ray.num_workers or ray.cpus_per_worker")
-
-
-def _fits(node: dict[str, float], cpus: float, gpus: float) -> int:
-    """How many workers of this size one node holds."""
-    counts = [int(node.get("CPU", 0) // cpus)]
-    if gpus:
-        counts.append(int(node.get("GPU", 0) // gpus))
-    return min(counts)
