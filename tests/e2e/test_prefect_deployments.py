@@ -5,9 +5,6 @@ and the flow run's page in the Prefect UI, opened in headless Chromium, shows th
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass

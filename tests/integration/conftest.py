@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tiny_config(tmp: Path, data_dir: Path, **overrides: Any) -> config.Config:
     """The project's params with everything small and every output under `tmp`."""
+    _copy_migrated_store(tmp / "mlflow.db")
     return config.load(REPO / "params.yaml", {
         "data.out_dir": str(data_dir),
         "train.epochs": 3,
@@ -33,6 +36,24 @@ def tiny_config(tmp: Path, data_dir: Path, **overrides: Any) -> config.Config:
         "mlflow.artifact_root": str(tmp / "mlartifacts"),
         **overrides,
     })
+
+
+_migrated_store: list[Path] = []  # one per session
+
+
+def _copy_migrated_store(dest: Path) -> None:
+    """A fresh MLflow SQLite store at `dest`, copied from one migrated once per session: creating
+    one from scratch runs all of MLflow's schema migrations, seconds per test."""
+    if dest.exists():
+        return
+    if not _migrated_store:
+        from mlflow import MlflowClient
+
+        template = Path(tempfile.mkdtemp(prefix="mlflow-template-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
+        _migrated_store.append(template)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_migrated_store[0], dest)
 
 
 @pytest.fixture(scope="session")

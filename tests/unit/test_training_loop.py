@@ -72,6 +72,16 @@ def test_selectable_recipe_parts_train(splits, overrides: dict) -> None:
         assert session.reports[0]["lr"] < session.reports[1]["lr"]  # still warming up at the start of epoch 1
 
 
+def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(splits) -> None:
+    # A learning rate this large makes val loss worse after the first epochs; patience 1 stops it.
+    session = run(small(6, **{"train.lr": 0.5, "train.early_stopping_patience": 1, "train.limit_train_batches": 4}),
+                  splits)
+    val_losses = [r["val_loss"] for r in session.reports]
+    assert len(val_losses) < 6 and session.reports[-1]["early_stopped"]
+    assert val_losses[-1] > min(val_losses[:-1])  # stopped on an epoch that did not improve
+    assert session.last_checkpoint["state"]["best_val_loss"] == min(val_losses)
+
+
 def test_a_nan_loss_stops_at_once_without_a_checkpoint(splits) -> None:
     # A learning rate no model survives: after one step the weights are ~1e30 and the loss overflows.
     session = run(small(4, **{"train.lr": 1.0e30}), splits)
