@@ -130,6 +130,16 @@ def _server(cfg: Config, args: argparse.Namespace) -> None:
     os.execv(shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow"), argv)
 
 
+def _bench(cfg: Config, args: argparse.Namespace) -> None:
+    from mixer import bench
+
+    if args.preset:
+        cfg = config.replace(cfg, {"model.preset": args.preset})
+    out = args.out or cfg.root / "bench" / f"{cfg.model.preset}-{args.device.replace(':', '')}.json"
+    print(bench.table(bench.run(cfg, args.device, args.epochs, args.batches, args.synthetic, out)))
+    print(f"-> {out}")
+
+
 def _info(cfg: Config, args: argparse.Namespace) -> None:
     from mixer.model import build_model, count_parameters, forward_flops
 
@@ -179,6 +189,16 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--version", type=int, default=None, help="a registered version (default: the champion)")
 
 
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=("seed", "nano"), default=None, help="model preset (default: model.preset)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda / cuda:N (the worker loop without Ray)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per path; the first is warm-up, not counted")
+    parser.add_argument("--batches", type=int, default=50, help="training batches per epoch")
+    parser.add_argument("--synthetic", action="store_true", help="random images of the CIFAR shapes instead of "
+                        "data.out_dir (throughput only)")
+    parser.add_argument("--out", type=Path, default=None, help="the JSON (default: bench/<preset>-<device>.json)")
+
+
 def _server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5000)
@@ -201,6 +221,8 @@ COMMANDS: dict[str, Command] = {
     "server": Command(_server, "the MLflow server and UI over the project's store, on 127.0.0.1",
                       _server_arguments),
     "info": Command(_info, "parameters and FLOPs of the configured model"),
+    "bench": Command(_bench, "training and evaluation images/s of the pipeline next to a plain PyTorch loop",
+                     _bench_arguments),
     "stack": Command(stack.command, "start, stop or check the local Prefect server, worker and MLflow server",
                      stack.arguments),
 }
