@@ -35,7 +35,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 # Every Ray worker imports this module to run train_loop. MLflow and DVC (seconds of imports per
 # worker start) are needed only on the driver: its functions import tracking, serving and versioning
 # where they use them.
-from mixer import cluster, config, data, export
+from mixer import config, data, export
 from mixer.ray_cluster import connect
 from mixer.augment import augment_batch, normalize
 from mixer.config import Config
