@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
 from mixer import cluster, training
 
@@ -17,7 +18,8 @@ def test_use_gpu_on_a_cluster_without_gpus_fails_at_start(tmp_path: Path, prepar
     cfg = tiny_config(tmp_path, prepared_data, **{"ray.use_gpu": True, "ray.gpus_per_worker": 1})
     with pytest.raises(cluster.ClusterError, match="ray.use_gpu is true but the Ray cluster has no GPUs"):
         training.fit(cfg)
-    assert not (tmp_path / "mlflow.db").exists()  # refused before any run was recorded
+    assert MlflowClient(cfg.mlflow.tracking_uri).search_runs(  # refused before any run was recorded
+        [e.experiment_id for e in MlflowClient(cfg.mlflow.tracking_uri).search_experiments()]) == []
 
 
 def test_workers_larger_than_any_node_fail_at_start(tmp_path: Path, prepared_data: Path) -> None:

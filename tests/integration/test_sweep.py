@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from mlflow import MlflowClient
 
 import ray
 from mixer import export, registry, sweep
@@ -64,4 +65,5 @@ def test_a_space_value_that_makes_a_bad_config_fails_before_any_trial(tmp_path: 
     cfg = tiny_config(tmp_path, prepared_data, **{"sweep.space": {"model.dropout": {"choice": [0.1, 1.5]}}})
     with pytest.raises(ValueError, match=r"model.dropout: must be in \[0, 1\), got 1.5"):
         sweep.run(cfg, out_dir=tmp_path / "sweeps")
-    assert not (tmp_path / "mlflow.db").exists()
+    assert MlflowClient(cfg.mlflow.tracking_uri).search_runs(  # refused before any run was recorded
+        [e.experiment_id for e in MlflowClient(cfg.mlflow.tracking_uri).search_experiments()]) == []
