@@ -21,6 +21,7 @@ from .conftest import tiny_config
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.stress
 def test_two_concurrent_mixer_train_runs_both_finish_and_register(tmp_path: Path, prepared_data: Path,
                                                                    mlflow_server: str) -> None:
     """Two terminals on one machine: each `mixer train` starts its own local Ray, writes to its own
@@ -77,7 +78,7 @@ def test_two_concurrent_mixer_train_runs_both_finish_and_register(tmp_path: Path
 SOAK_RUNS = 20
 
 
-@pytest.mark.soak
+@pytest.mark.stress
 @pytest.mark.usefixtures("ray_session")
 def test_back_to_back_train_and_register_runs_against_one_server(tmp_path: Path, prepared_data: Path,
                                                                  mlflow_server: str) -> None:
