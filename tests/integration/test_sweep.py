@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from mlflow import MlflowClient
 
 import ray
 from mixer import export, registry, sweep
