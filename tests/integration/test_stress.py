@@ -79,6 +79,7 @@ SOAK_RUNS = 20
 
 
 @pytest.mark.stress
+@pytest.mark.timeout(1800)  # ~35 s per run on 2 cores: the default 600 s stopped it after 17 runs
 @pytest.mark.usefixtures("ray_session")
 def test_back_to_back_train_and_register_runs_against_one_server(tmp_path: Path, prepared_data: Path,
                                                                  mlflow_server: str) -> None:
