@@ -15,7 +15,6 @@ import re
 import subprocess
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -161,11 +160,15 @@ def start_training_run(cfg: Config, data_version: str | None, device: str, paren
         tags[PARENT_RUN_TAG] = parent_run_id
     run = mlflow_client.create_run(experiment, tags=tags, run_name=cfg.train.run_name)
     run_id = run.info.run_id
+    _log_params(mlflow_client, run_id, params)
+    mlflow_client.log_text(run_id, yaml.safe_dump(logged, sort_keys=False), "params.yaml")
+    return run_id
+
+
+def _log_params(mlflow_client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
     items = sorted(params.items())
     for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         mlflow_client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 100]])
-    mlflow_client.log_text(run_id, yaml.safe_dump(logged, sort_keys=False), "params.yaml")
-    return run_id
 
 
 def _resume(mlflow_client: MlflowClient, experiment: str, name: str, params: Mapping[str, str]) -> str | None:
@@ -344,14 +347,10 @@ class TrackingUnavailable(ValueError):
 
 def reachable(cfg: Config) -> bool:
     """Whether a tracking server answers its health check (a database store is always 'reachable')."""
+    from mixer.stack import answers_ok
+
     uri = cfg.mlflow.tracking_uri
-    if not uri.startswith(("http://", "https://")):
-        return True
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
-            return response.status == 200
-    except (OSError, ValueError):  # URLError, refused, timeout, a malformed URL
-        return False
+    return not uri.startswith(("http://", "https://")) or answers_ok(uri.rstrip("/") + "/health")
 
 
 def start_training_run_if_reachable(cfg: Config, data_version: str | None, device: str) -> str | None:
@@ -415,10 +414,7 @@ def start_run_for_export(cfg: Config, summary: Mapping[str, Any], folder: Path) 
         tags[RUN_NAME_TAG] = summary["run_name"]
     run = mlflow_client.create_run(experiment_id(cfg, cfg.mlflow.experiment), tags=tags,
                                    run_name=summary.get("run_name"))
-    items = sorted(params.items())
-    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        mlflow_client.log_batch(run.info.run_id,
-                                params=[mlflow.entities.Param(k, v) for k, v in items[start:start + 100]])
+    _log_params(mlflow_client, run.info.run_id, params)
     if summary.get("params"):
         mlflow_client.log_text(run.info.run_id, yaml.safe_dump(summary["params"], sort_keys=False), "params.yaml")
     return run.info.run_id
