@@ -57,7 +57,7 @@ def run(cfg: Config, device: str, epochs: int, batches: int, synthetic: bool, ou
     """Measure both paths; write the JSON to `out` and return it."""
     cfg = config.replace(cfg, {"train.epochs": epochs, "train.limit_train_batches": batches,
                                "train.early_stopping_patience": 0})
-    train, val, mean, std = _splits(cfg, synthetic)
+    train, val, mean, std = splits(cfg, synthetic)
     threads = max(1, int(cfg.ray.cpus_per_worker)) if device == "cpu" else torch.get_num_threads()
     plain = plain_loop(cfg, train, val, mean, std, torch.device(device), threads)
     pipeline = pipeline_loop(cfg, train, val, mean, std, device)
@@ -119,19 +119,19 @@ def plain_loop(cfg: Config, train: data.Split, val: data.Split, mean: list[float
 def pipeline_loop(cfg: Config, train: data.Split, val: data.Split, mean: list[float], std: list[float],
                   device: str) -> Figures:
     """The pipeline's own path for this device (see the module docstring)."""
-    from mixer import training
-
     t = cfg.train
     if device != "cpu":
+        from mixer import loop  # no Ray here: a GPU machine may have nothing but torch
+
         stamps: list[float] = []
 
-        class Clocked(training.LocalSession):
+        class Clocked(loop.LocalSession):
             def report(self, metrics: dict[str, float], checkpoint: dict[str, Any] | None) -> None:
                 stamps.append(time.perf_counter())
                 super().report(metrics, checkpoint)
 
         session = Clocked(device=torch.device(device))
-        training.train_loop(cfg, train, val, mean, std, session)
+        loop.train_loop(cfg, train, val, mean, std, session)
         model = build_model(cfg.model).to(device)
         model.load_state_dict(session.last_checkpoint["model"])
         return Figures(list(np.diff(stamps)), t.limit_train_batches * t.batch_size,
@@ -139,7 +139,7 @@ def pipeline_loop(cfg: Config, train: data.Split, val: data.Split, mean: list[fl
 
     import ray
 
-    from mixer import export
+    from mixer import export, training
 
     with tempfile.TemporaryDirectory(prefix="mixer-bench-") as scratch:
         folder = Path(scratch)
@@ -160,6 +160,49 @@ def pipeline_loop(cfg: Config, train: data.Split, val: data.Split, mean: list[fl
         # Epoch 1 ends at the first stamp: warm-up, not counted.
         return Figures(list(np.diff(stamps)), t.limit_train_batches * t.batch_size,
                        len(val) / _evaluate(model, val, mean, std, cfg, torch.device("cpu")))
+
+
+def profile(cfg: Config, train: data.Split, mean: list[float], std: list[float], device: torch.device,
+            steps: int = 20) -> str:
+    """Where a training step's time goes: torch.profiler over `steps` steps of the pipeline's loop
+    body (after as many warm-up steps), the top operators by self time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+
+    from mixer.loop import adamw
+
+    t = cfg.train
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))  # as a Ray worker with those CPUs
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model).to(device)
+    optimizer = adamw(model.parameters(), t.lr, t.weight_decay, device)
+    images = torch.as_tensor(train.images[: 2 * steps * t.batch_size], device=device)
+    labels = torch.as_tensor(train.fine_labels[: 2 * steps * t.batch_size], device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+
+    def step(i: int) -> None:
+        idx = slice(i * t.batch_size, (i + 1) * t.batch_size)
+        with record_function("augment"):
+            x = augment_batch(normalize(images[idx], mean, std), t.augment)
+        with autocast, record_function("forward"):
+            loss = F.cross_entropy(model(x), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimizer"):
+            optimizer.step()
+
+    model.train()
+    for i in range(steps):
+        step(i)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for i in range(steps, 2 * steps):
+            step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=20)
 
 
 @dataclass(frozen=True)
@@ -189,7 +232,7 @@ def _evaluate(model: torch.nn.Module, val: data.Split, mean: list[float], std: l
     return time.perf_counter() - started
 
 
-def _splits(cfg: Config, synthetic: bool) -> tuple[data.Split, data.Split, list[float], list[float]]:
+def splits(cfg: Config, synthetic: bool) -> tuple[data.Split, data.Split, list[float], list[float]]:
     """The prepared train/val splits, or random images of the same shapes (throughput only)."""
     if not synthetic:
         meta = data.load_meta(cfg.data.out_dir)

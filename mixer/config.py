@@ -139,6 +139,7 @@ class TrainConfig:
     label_smoothing: float = field(metadata=_fraction())
     augment: AugmentConfig
     precision: str = field(metadata=_one_of("fp32", "bf16"))  # bf16 = autocast on CPU (AMX) and GPU
+    compile: bool  # torch.compile the model (eager, with a warning, where it cannot compile)
     limit_train_batches: int = field(metadata=_non_negative())  # per epoch; 0 = no limit
     limit_eval_batches: int = field(metadata=_non_negative())  # 0 = no limit
     seed: int = field(metadata=_seed())

@@ -1,17 +1,13 @@
-"""The per-worker training loop (a plain function) and fit(): Ray Train's TorchTrainer around it.
+"""fit(): Ray Train's TorchTrainer around the per-worker loop (mixer.loop), tracked in MLflow.
 
-The loop talks to the outside world only through a `WorkerSession`: `RaySession` on a Ray Train
-worker, `LocalSession` in one process without Ray (benchmarks, quick tests). Every rank calls
-`report` once per epoch; only rank 0 writes checkpoints; the driver side observes the reports
-through Ray Train callbacks and never the workers' internals.
+`RaySession` is the loop's runtime on a Ray Train worker. The driver side observes the workers'
+reports through Ray Train callbacks and never the workers' internals.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
-import math
 import signal
 import tempfile
 import threading
@@ -19,12 +15,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 import ray
@@ -36,180 +30,14 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 # worker start) are needed only on the driver: its functions import tracking, serving and versioning
 # where they use them.
 from mixer import config, data, export
-from mixer.ray_cluster import connect
-from mixer.augment import augment_batch, normalize
 from mixer.config import Config
-from mixer.evaluation import topk_correct
-from mixer.model import build_model
+from mixer.loop import train_loop
+from mixer.ray_cluster import connect
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-class WorkerSession(Protocol):
-    """What the loop needs from its runtime: who it is, where it runs, how it reports."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def prepare_model(self, model: nn.Module) -> nn.Module: ...
-
-    def latest_checkpoint(self) -> dict[str, Any] | None: ...
-
-    def report(self, metrics: dict[str, float], checkpoint: dict[str, Any] | None) -> None: ...
-
-
-def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[float],
-               std: Sequence[float], session: WorkerSession) -> None:
-    """Train on this rank's shard, evaluate val across ranks, report and checkpoint every epoch."""
-    t = cfg.train
-    device = session.device
-    torch.manual_seed(t.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    raw_model = build_model(cfg.model).to(device)
-    model = session.prepare_model(raw_model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-
-    global_batches = len(train) // t.batch_size  # the last partial batch is dropped: equal steps on all ranks
-    steps_per_epoch = min(global_batches, t.limit_train_batches or global_batches)
-    scheduler = _scheduler(cfg, optimizer, steps_per_epoch)
-    state = {"epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0, "history": []}
-
-    resumed = session.latest_checkpoint()
-    if resumed is not None:
-        raw_model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        state = resumed["state"]
-
-    # Copies: arrays from the Ray object store are read-only. (N, H, W, C) uint8, resident on the device.
-    train_images = torch.as_tensor(np.array(train.images), device=device)
-    train_labels = torch.as_tensor(np.array(train.fine_labels), device=device)
-    local_batch = t.batch_size // session.world_size
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-
-    for epoch in range(state["epoch"], t.epochs):
-        started = time.perf_counter()
-        # Every source of randomness derives from (seed, epoch, rank), so a resumed run replays
-        # exactly what an uninterrupted one would have done, with no RNG state to save.
-        torch.manual_seed(_seed(t.seed, epoch, session.rank))  # dropout
-        augment_rng = torch.Generator(device).manual_seed(_seed(t.seed, epoch, session.rank))
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(_seed(t.seed, epoch)))
-        shard = order[: global_batches * t.batch_size][session.rank :: session.world_size].to(device)
-
-        model.train()
-        lr = optimizer.param_groups[0]["lr"]
-        sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss * n, top-1 hits, n
-        for step in range(steps_per_epoch):
-            idx = shard[step * local_batch : (step + 1) * local_batch]
-            x = augment_batch(normalize(train_images[idx], mean, std), t.augment, augment_rng)
-            y = train_labels[idx]
-            with autocast:
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if t.schedule == "cosine":
-                scheduler.step()
-            # Accumulate on the device: no host sync per step.
-            sums[0] += loss.detach() * len(y)
-            sums[1] += (logits.argmax(1) == y).sum()
-            sums[2] += len(y)
-        _all_reduce_sum(sums)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # GPU steps run asynchronously: time them, not their launch
-        train_seconds = time.perf_counter() - started
-        val_loss, val_top1, val_top5 = _validate(raw_model, val, mean, std, cfg, session)
-
-        train_loss = float(sums[0] / sums[2])  # the epoch's one host sync (identical on every rank)
-        # A nan/inf loss never recovers: stop on every rank at once, and keep its weights out of the
-        # checkpoints so that the last good epoch stays the one to resume from.
-        diverged = not (math.isfinite(train_loss) and math.isfinite(val_loss))
-        if t.schedule == "plateau" and not diverged:
-            scheduler.step(val_loss)
-        improved = val_loss < state["best_val_loss"]
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "train_top1": float(sums[1] / sums[2]),
-            "val_loss": val_loss,
-            "val_top1": val_top1,
-            "val_top5": val_top5,
-            "lr": lr,
-            "epoch_seconds": train_seconds,  # training only, not validation
-            # Per rank: equal on every rank when DDP keeps the replicas in step.
-            "weights_checksum": _checksum(raw_model),
-        }
-        state = {"epoch": epoch + 1, "best_val_loss": val_loss if improved else state["best_val_loss"],
-                 "bad_epochs": 0 if improved else state["bad_epochs"] + 1,
-                 "history": [*state["history"], metrics]}
-        stop = t.early_stopping_patience > 0 and state["bad_epochs"] >= t.early_stopping_patience
-        checkpoint = None
-        if session.rank == 0 and not diverged:
-            checkpoint = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "state": state}
-        session.report({**metrics, "early_stopped": stop, "diverged": diverged}, checkpoint)
-        if stop or diverged:
-            break
-
-
-@torch.no_grad()
-def _validate(model: nn.Module, val: data.Split, mean: Sequence[float], std: Sequence[float], cfg: Config,
-              session: WorkerSession) -> tuple[float, float, float]:
-    """Loss, top-1 and top-5 on the val split, each rank scoring its slice, summed across ranks."""
-    model.eval()
-    device = session.device
-    rows = np.arange(session.rank, len(val), session.world_size)
-    batch = cfg.eval.batch_size
-    batches = math.ceil(len(rows) / batch)
-    if cfg.train.limit_eval_batches:
-        batches = min(batches, cfg.train.limit_eval_batches)
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss * n, top-1 hits, top-5 hits, n
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    for b in range(batches):
-        take = rows[b * batch : (b + 1) * batch]
-        x = normalize(torch.as_tensor(val.images[take], device=device), mean, std)
-        y = torch.as_tensor(val.fine_labels[take], device=device)
-        with autocast:
-            logits = model(x).float()
-        sums += torch.tensor([float(F.cross_entropy(logits, y, reduction="sum")), topk_correct(logits, y, 1),
-                              topk_correct(logits, y, 5), len(y)], dtype=sums.dtype, device=device)
-    _all_reduce_sum(sums)
-    n = max(float(sums[3]), 1.0)
-    return float(sums[0]) / n, float(sums[1]) / n, float(sums[2]) / n
-
-
-def _scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> Any:
-    t = cfg.train
-    if t.schedule == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=t.plateau_factor,
-                                                          patience=t.plateau_patience)
-    warmup = t.warmup_epochs * steps_per_epoch  # in optimizer steps
-    total = max(t.epochs * steps_per_epoch, warmup + 1)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
-
-
-def _checksum(model: nn.Module) -> float:
-    with torch.no_grad():
-        return float(sum(p.double().sum() for p in model.parameters()))
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-
-
-# --- runtimes -------------------------------------------------------------------------------
+# --- the Ray runtime --------------------------------------------------------------------------
 
 
 class RaySession:
@@ -240,30 +68,6 @@ class RaySession:
         with tempfile.TemporaryDirectory() as folder:
             torch.save(checkpoint, Path(folder) / CHECKPOINT_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-
-@dataclass
-class LocalSession:
-    """One process, no Ray: for benchmarks and tests of the loop itself."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    def __post_init__(self) -> None:
-        self.reports: list[dict[str, float]] = []
-        self.last_checkpoint: dict[str, Any] | None = None
-
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        return model.to(self.device)
-
-    def latest_checkpoint(self) -> dict[str, Any] | None:
-        return self.last_checkpoint
-
-    def report(self, metrics: dict[str, float], checkpoint: dict[str, Any] | None) -> None:
-        self.reports.append(metrics)
-        if checkpoint is not None:  # a snapshot, as a saved file would be: state_dict() shares tensors
-            self.last_checkpoint = copy.deepcopy(checkpoint)
 
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
