@@ -135,9 +135,30 @@ def _bench(cfg: Config, args: argparse.Namespace) -> None:
 
     if args.preset:
         cfg = config.replace(cfg, {"model.preset": args.preset})
+    if args.profile:
+        import torch
+
+        train, _, mean, std = bench.splits(cfg, args.synthetic)
+        print(bench.profile(cfg, train, mean, std, torch.device(args.device)))
+        return
     out = args.out or cfg.root / "bench" / f"{cfg.model.preset}-{args.device.replace(':', '')}.json"
     print(bench.table(bench.run(cfg, args.device, args.epochs, args.batches, args.synthetic, out)))
     print(f"-> {out}")
+
+
+def _result(cfg: Config, args: argparse.Namespace) -> None:
+    from mixer import bench, results
+
+    results_dir = args.results_dir or cfg.root / "results"
+    r = results.record(cfg, args.name, args.weights or cfg.train.models_dir, args.command, args.wall_seconds,
+                       args.hardware or bench.hardware("cpu"), results_dir)
+    print(f"{r['name']}: test top1 {r['test_top1']:.2%} top5 {r['test_top5']:.2%} -> {results_dir / r['name']}")
+
+
+def _results(cfg: Config, args: argparse.Namespace) -> None:
+    from mixer import results
+
+    print(results.table(results.load_all(args.results_dir or cfg.root / "results")))
 
 
 def _info(cfg: Config, args: argparse.Namespace) -> None:
@@ -197,6 +218,22 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic", action="store_true", help="random images of the CIFAR shapes instead of "
                         "data.out_dir (throughput only)")
     parser.add_argument("--out", type=Path, default=None, help="the JSON (default: bench/<preset>-<device>.json)")
+    parser.add_argument("--profile", action="store_true", help="instead: torch.profiler's top operators over "
+                        "20 training steps of the loop's body")
+
+
+def _result_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="the result's folder under --results-dir (e.g. seed, best)")
+    parser.add_argument("--weights", type=Path, default=None, help="an exported model folder (default: "
+                        "train.models_dir); copied to results/NAME unless it is that folder")
+    parser.add_argument("--command", required=True, help="the command that trained it, as anyone would rerun it")
+    parser.add_argument("--wall-seconds", type=float, default=None, help="training wall time, every resumed part summed")
+    parser.add_argument("--hardware", default=None, help="where it trained (default: this machine's CPU)")
+    parser.add_argument("--results-dir", type=Path, default=None, help="default: results/ in the project")
+
+
+def _results_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results-dir", type=Path, default=None, help="default: results/ in the project")
 
 
 def _server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -220,6 +257,9 @@ COMMANDS: dict[str, Command] = {
     "predict": Command(_predict, "top-5 labels of images from the champion (or a version)", _predict_arguments),
     "server": Command(_server, "the MLflow server and UI over the project's store, on 127.0.0.1",
                       _server_arguments),
+    "result": Command(_result, "record an exported model as results/NAME: test figures, recipe, time, command",
+                      _result_arguments),
+    "results": Command(_results, "the results table (Markdown) from results/*/result.json", _results_arguments),
     "info": Command(_info, "parameters and FLOPs of the configured model"),
     "bench": Command(_bench, "training and evaluation images/s of the pipeline next to a plain PyTorch loop",
                      _bench_arguments),
