@@ -173,7 +173,6 @@ class RayConfig:
     gpus_per_worker: float = field(metadata=_non_negative())
     storage_path: str  # checkpoints; a local folder (made absolute) or a URI such as s3://...
     max_failures: int = field(metadata=_check(lambda v: v >= -1, "must be >= -1 (-1 = retry forever)"))
-    dashboard: bool  # with a Ray started by `mixer train` itself (mixer sweep always starts one)
 
 
 @dataclass(frozen=True)

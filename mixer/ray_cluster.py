@@ -17,12 +17,12 @@ from mixer.config import Config
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
-def connect(cfg: Config, dashboard: bool = False) -> None:
+def connect(cfg: Config) -> None:
     """Join ray.address (or RAY_ADDRESS), else start Ray on this machine; check the cluster fits the config.
 
-    A Ray started here runs its dashboard only when `ray.dashboard` or `dashboard` asks for it
-    (~4 s of start-up on 2 cores); `mixer sweep` needs it, because Ray Train's placement-group
-    cleaner reads the State API it serves.
+    A Ray started here runs its dashboard (on 127.0.0.1), although it costs ~4 s of start-up on 2
+    cores: Ray Train's placement-group cleaner, one per Train run, reads the State API the dashboard
+    serves, and without it logs a warning every second of training.
     """
     cluster.check_before_connect(cfg)
     if not ray.is_initialized():
@@ -31,7 +31,7 @@ def connect(cfg: Config, dashboard: bool = False) -> None:
         else:
             for key, value in LOCAL_RAY_ENV.items():
                 os.environ.setdefault(key, value)
-            ray.init(log_to_driver=True, include_dashboard=cfg.ray.dashboard or dashboard)
+            ray.init(log_to_driver=True, include_dashboard=True, dashboard_host="127.0.0.1")
     if cfg.ray.address:  # a cluster of several hosts needs shared storage and a tracking server
         cluster.check_nodes(cfg, [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]])
     check_resources(cfg)

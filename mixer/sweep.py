@@ -64,7 +64,7 @@ def run(cfg: Config, out_dir: Path, name: str | None = None) -> SweepResult:
     """Search, then export, evaluate and register the best trial; outputs go under `out_dir`/<name>/."""
     name = name or training.unique_name("sweep")
     check_space(cfg)
-    training.connect(cfg, dashboard=True)  # Train's placement-group cleaner reads its State API
+    training.connect(cfg)
     inputs = training.load_inputs(cfg)
     parent = tracking.start_sweep_run(cfg, name, inputs.data_version, cfg.sweep.space)
     trial_runs = TrialRuns(cfg, name, parent, inputs.data_version)
