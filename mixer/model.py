@@ -18,6 +18,26 @@ from mixer.config import ModelConfig
 _TRUNC_NORMAL_STD = 0.87962566103423978
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout, with the CPU mask drawn as 24-bit random integers instead of torch's bernoulli_.
+
+    On CPU, torch's bernoulli_ was half of the `seed` model's training step (docs/PERFORMANCE.md):
+    forward and backward of a (128, 64, 128) tensor took 9.8 ms against 4.4 ms this way on 2 cores. The drop rate is exact to
+    2**-24; on other devices this is torch's own dropout.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        threshold = round(self.p * _MASK_RANGE)
+        keep = torch.randint(0, _MASK_RANGE, x.shape, dtype=torch.int32) >= threshold
+        # One float mask holding the 1 / (1 - p) scale: a single multiply forward and backward.
+        return x * keep.to(x.dtype).mul_(_MASK_RANGE / (_MASK_RANGE - threshold))
+
+
+_MASK_RANGE = 1 << 24
+
+
 class MlpBlock(nn.Module):
     """Two dense layers with a GELU between them: dim -> hidden_dim -> dim."""
 
@@ -25,9 +45,9 @@ class MlpBlock(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(dropout)
+        self.drop1 = Dropout(dropout)
         self.fc2 = nn.Linear(hidden_dim, dim)
-        self.drop2 = nn.Dropout(dropout)
+        self.drop2 = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim)
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
@@ -66,7 +86,7 @@ class MlpMixer(nn.Module):
             for _ in range(cfg.num_blocks)
         ])
         self.norm = nn.LayerNorm(cfg.hidden_dim)
-        self.head_drop = nn.Dropout(cfg.dropout)
+        self.head_drop = Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.hidden_dim, cfg.num_classes)
         self._init_weights()
 

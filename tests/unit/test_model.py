@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixer.config import MODEL_PRESETS, ModelConfig
-from mixer.model import build_model, count_parameters, forward_flops
+from mixer.model import Dropout, build_model, count_parameters, forward_flops
 
 
 def preset(name: str, **changes: object) -> ModelConfig:
@@ -73,3 +73,21 @@ def test_eval_mode_is_deterministic() -> None:
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_drops_at_its_rate_and_keeps_the_expected_value(dtype: torch.dtype) -> None:
+    drop = Dropout(0.2)
+    x = torch.ones(1_000_000, dtype=dtype, requires_grad=True)
+    torch.manual_seed(0)
+    y = drop(x)
+    kept = y != 0
+    assert y.dtype == dtype
+    assert kept.float().mean().item() == pytest.approx(0.8, abs=0.002)  # 1e6 draws: std 0.0004
+    assert torch.all(y[kept] == torch.tensor(1.25, dtype=dtype))  # 1 / (1 - p): the mean stays 1
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # dropped units get no gradient
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    torch.manual_seed(0)
+    assert torch.equal(Dropout(0.2)(x), y)  # seeded: the same mask again
