@@ -6,8 +6,11 @@ Every image gets its own random flip, zoom and shift, applied to the whole batch
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +29,7 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 
 def is_identity(cfg: AugmentConfig) -> bool:
-    """True when `cfg` turns every feature off, so `augment_batch` returns its input."""
+    """True when `cfg` turns every per-image feature off, so `augment_batch` returns its input."""
     return not cfg.flip and cfg.zoom == 0 and cfg.crop_padding == 0
 
 
@@ -66,3 +69,40 @@ def _random_theta(batch: int, height: int, width: int, cfg: AugmentConfig,
     theta[:, 0, 2] = shift[0] * (2.0 / width)
     theta[:, 1, 2] = shift[1] * (2.0 / height)
     return theta
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """A batch after MixUp or CutMix: the loss is lam * loss(y_a) + (1 - lam) * loss(y_b)."""
+
+    x: torch.Tensor
+    y_a: torch.Tensor
+    y_b: torch.Tensor
+    lam: float
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, cfg: AugmentConfig, rng: np.random.Generator) -> Mixed:
+    """MixUp or CutMix (Zhang et al. 2018; Yun et al. 2019) of a batch with its own reverse, as timm does.
+
+    lam ~ Beta(alpha, alpha), one per batch. With both on, each batch gets one of the two at
+    random. CutMix pastes one box per batch, its area (1 - lam) of the image; lam is then
+    recomputed from the box as clipped at the borders. The few random numbers come from `rng` on
+    the host, so nothing waits on the device.
+    """
+    methods = [m for m, alpha in (("mixup", cfg.mixup), ("cutmix", cfg.cutmix)) if alpha > 0]
+    if not methods:
+        return Mixed(x, y, y, 1.0)
+    method = methods[int(rng.integers(len(methods)))]
+    alpha = cfg.mixup if method == "mixup" else cfg.cutmix
+    lam = float(rng.beta(alpha, alpha))
+    partner = x.flip(0)
+    if method == "mixup":
+        return Mixed(x * lam + partner * (1.0 - lam), y, y.flip(0), lam)
+    height, width = x.shape[-2:]
+    cut_h, cut_w = int(height * math.sqrt(1.0 - lam)), int(width * math.sqrt(1.0 - lam))
+    cy, cx = int(rng.integers(height)), int(rng.integers(width))
+    top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+    left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    mixed = x.clone()
+    mixed[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+    return Mixed(mixed, y, y.flip(0), 1.0 - (bottom - top) * (right - left) / (height * width))

@@ -123,6 +123,9 @@ class AugmentConfig:
     flip: bool  # random horizontal flip, per image
     zoom: float = field(metadata=_fraction())  # random zoom in [1 - zoom, 1 + zoom], per image
     crop_padding: int = field(metadata=_check(lambda v: 0 <= v < IMAGE_SIZE, f"must be in [0, {IMAGE_SIZE})"))  # pixels
+    # MixUp / CutMix: alpha of Beta(alpha, alpha) for each batch's mixing weight; 0 = off.
+    mixup: float = field(default=0.0, metadata=_non_negative())
+    cutmix: float = field(default=0.0, metadata=_non_negative())
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,7 @@ class TrainConfig:
     augment: AugmentConfig
     precision: str = field(metadata=_one_of("fp32", "bf16"))  # bf16 = autocast on CPU (AMX) and GPU
     compile: bool  # torch.compile the model (eager, with a warning, where it cannot compile)
+    ema_decay: float = field(metadata=_fraction())  # EMA of the weights, validated and exported; 0 = off
     limit_train_batches: int = field(metadata=_non_negative())  # per epoch; 0 = no limit
     limit_eval_batches: int = field(metadata=_non_negative())  # 0 = no limit
     seed: int = field(metadata=_seed())

@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from mixer import data
-from mixer.augment import augment_batch, normalize
+from mixer.augment import augment_batch, mix_batch, normalize
 from mixer.config import Config
 from mixer.model import build_model
 
@@ -56,6 +57,9 @@ def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[f
     raw_model = build_model(cfg.model).to(device)  # saved and validated: never a wrapper's prefixed names
     model = session.prepare_model(raw_model)
     optimizer = adamw(model.parameters(), t.lr, t.weight_decay, device)
+    # The weights validated, checkpointed as "model" and exported: an EMA of the trained ones, or them.
+    ema = AveragedModel(raw_model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay)) if t.ema_decay else None
+    evaluated = ema.module if ema is not None else raw_model
 
     global_batches = len(train) // t.batch_size  # the last partial batch is dropped: equal steps on all ranks
     steps_per_epoch = min(global_batches, t.limit_train_batches or global_batches)
@@ -64,7 +68,9 @@ def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[f
 
     resumed = session.latest_checkpoint()
     if resumed is not None:
-        raw_model.load_state_dict(resumed["model"])
+        raw_model.load_state_dict(resumed["trained"] if ema is not None else resumed["model"])
+        if ema is not None:
+            ema.load_state_dict(resumed["ema"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         state = resumed["state"]
@@ -84,6 +90,7 @@ def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[f
         # exactly what an uninterrupted one would have done, with no RNG state to save.
         torch.manual_seed(_seed(t.seed, epoch, session.rank))  # dropout
         augment_rng = torch.Generator(device).manual_seed(_seed(t.seed, epoch, session.rank))
+        mix_rng = np.random.default_rng(_seed(t.seed, epoch, session.rank, 1))
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(_seed(t.seed, epoch)))
         shard = order[: global_batches * t.batch_size][session.rank :: session.world_size].to(device)
 
@@ -94,12 +101,18 @@ def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[f
             idx = shard[step * local_batch : (step + 1) * local_batch]
             x = augment_batch(normalize(train_images[idx], mean, std), t.augment, augment_rng)
             y = train_labels[idx]
+            mixed = mix_batch(x, y, t.augment, mix_rng)
             with autocast:
-                logits = model(x)
+                logits = model(mixed.x)
                 loss = F.cross_entropy(logits, y, label_smoothing=t.label_smoothing)
+                if mixed.lam < 1.0:
+                    loss = mixed.lam * loss + (1.0 - mixed.lam) * F.cross_entropy(
+                        logits, mixed.y_b, label_smoothing=t.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if ema is not None:
+                ema.update_parameters(raw_model)
             if t.schedule == "cosine":
                 scheduler.step()
             # Accumulate on the device: no host sync per step.
@@ -110,7 +123,7 @@ def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[f
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # GPU steps run asynchronously: time them, not their launch
         train_seconds = time.perf_counter() - started
-        val_loss, val_top1, val_top5 = _validate(raw_model, val, mean, std, cfg, session)
+        val_loss, val_top1, val_top5 = _validate(evaluated, val, mean, std, cfg, session)
 
         train_loss = float(sums[0] / sums[2])  # the epoch's one host sync (identical on every rank)
         # A nan/inf loss never recovers: stop on every rank at once, and keep its weights out of the
@@ -137,8 +150,10 @@ def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[f
         stop = t.early_stopping_patience > 0 and state["bad_epochs"] >= t.early_stopping_patience
         checkpoint = None
         if session.rank == 0 and not diverged:
-            checkpoint = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            checkpoint = {"model": evaluated.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "state": state}
+            if ema is not None:  # to resume: the trained weights and the average's own state
+                checkpoint.update(trained=raw_model.state_dict(), ema=ema.state_dict())
         session.report({**metrics, "early_stopped": stop, "diverged": diverged}, checkpoint)
         if stop or diverged:
             break

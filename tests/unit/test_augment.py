@@ -1,10 +1,12 @@
-"""Batched augmentation: normalization, identity, per-image flips, zoom, integer shifts."""
+"""Batched augmentation: normalization, identity, per-image flips, zoom, integer shifts; MixUp and CutMix."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
-from mixer.augment import augment_batch, normalize
+from mixer.augment import augment_batch, mix_batch, normalize
 from mixer.config import AugmentConfig
 
 MEAN = (0.5071, 0.4865, 0.4409)
@@ -76,3 +78,36 @@ def test_crop_shift_moves_content_by_whole_pixels() -> None:
         assert len(matches) == 1, i
         shifts.add(matches[0])
     assert len(shifts) > 1  # different images, different shifts
+
+
+def mixing(mixup: float = 0.0, cutmix: float = 0.0) -> AugmentConfig:
+    return AugmentConfig(flip=False, zoom=0.0, crop_padding=0, mixup=mixup, cutmix=cutmix)
+
+
+def test_mixup_blends_each_image_with_its_partner_from_the_reversed_batch() -> None:
+    x, y = batch(), torch.arange(16)
+    mixed = mix_batch(x, y, mixing(mixup=0.4), np.random.default_rng(0))
+    assert 0 < mixed.lam < 1
+    assert torch.allclose(mixed.x, mixed.lam * x + (1 - mixed.lam) * x.flip(0))
+    assert torch.equal(mixed.y_a, y) and torch.equal(mixed.y_b, y.flip(0))
+    again = mix_batch(x, y, mixing(mixup=0.4), np.random.default_rng(0))
+    assert again.lam == mixed.lam and torch.equal(again.x, mixed.x)  # seeded: reproducible
+
+
+def test_cutmix_pastes_one_box_whose_area_sets_lam() -> None:
+    x, y = batch(), torch.arange(16)
+    for seed in range(20):
+        mixed = mix_batch(x, y, mixing(cutmix=1.0), np.random.default_rng(seed))
+        pasted = (mixed.x != x).any(dim=(0, 1))  # (H, W): pixels taken from the partner
+        rows, cols = pasted.any(1).nonzero().flatten(), pasted.any(0).nonzero().flatten()
+        if len(rows):  # one solid rectangle, every pixel of it from the partner
+            box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+            assert pasted[box].all() and pasted.sum() == pasted[box].numel()
+            assert torch.equal(mixed.x[..., box[0], box[1]], x.flip(0)[..., box[0], box[1]])
+        assert mixed.lam == pytest.approx(1 - pasted.sum().item() / (32 * 32))
+
+
+def test_mixing_off_returns_the_batch_itself() -> None:
+    x, y = batch(), torch.arange(16)
+    mixed = mix_batch(x, y, mixing(), np.random.default_rng(0))
+    assert mixed.x is x and mixed.lam == 1.0

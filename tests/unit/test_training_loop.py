@@ -50,13 +50,15 @@ def test_loss_falls_and_every_epoch_reports(splits) -> None:
     assert session.reports[-1]["val_top1"] > 0.05  # chance is 0.01
 
 
-def test_a_resumed_run_replays_the_uninterrupted_one(splits) -> None:
-    straight = run(small(3), splits)
+@pytest.mark.parametrize("recipe", [{}, {"train.ema_decay": 0.9, "train.augment.mixup": 0.4,
+                                        "train.augment.cutmix": 1.0}], ids=["plain", "ema-mixup-cutmix"])
+def test_a_resumed_run_replays_the_uninterrupted_one(splits, recipe: dict) -> None:
+    straight = run(small(3, **recipe), splits)
 
-    interrupted = run(small(1), splits)  # "dies" after epoch 1, leaving its checkpoint
+    interrupted = run(small(1, **recipe), splits)  # "dies" after epoch 1, leaving its checkpoint
     resumed = LocalSession(device=torch.device("cpu"))
     resumed.last_checkpoint = copy.deepcopy(interrupted.last_checkpoint)
-    run(small(3), splits, resumed)
+    run(small(3, **recipe), splits, resumed)
 
     assert [r["epoch"] for r in resumed.reports] == [2, 3]
     assert without_time(interrupted.reports + resumed.reports) == without_time(straight.reports)
@@ -65,6 +67,7 @@ def test_a_resumed_run_replays_the_uninterrupted_one(splits) -> None:
 @pytest.mark.parametrize("overrides", [
     {"train.schedule": "cosine", "train.warmup_epochs": 1, "train.label_smoothing": 0.1},
     {"train.augment.crop_padding": 4, "train.precision": "bf16"},
+    {"train.augment.mixup": 0.2, "train.augment.cutmix": 1.0, "train.ema_decay": 0.99},
 ])
 def test_selectable_recipe_parts_train(splits, overrides: dict) -> None:
     session = run(small(2, **overrides), splits)
@@ -118,3 +121,11 @@ def test_training_goes_on_eagerly_with_a_warning_where_compiling_fails() -> None
     with pytest.warns(RuntimeWarning, match=r"torch.compile is not available here \(OSError: g\+\+: not found\)"):
         chosen = compiled_or_eager(model, compiler_missing)
     assert chosen is model and model.weight.grad is None
+
+
+def test_with_ema_the_average_is_validated_and_exported_and_the_trained_weights_resume(splits) -> None:
+    session = run(small(2, **{"train.ema_decay": 0.9}), splits)
+    checkpoint = session.last_checkpoint
+    assert set(checkpoint["model"]) == set(checkpoint["trained"])  # plain names: what export saves
+    assert any(not torch.equal(checkpoint["model"][k], checkpoint["trained"][k]) for k in checkpoint["model"])
+    assert checkpoint["ema"]["n_averaged"].item() == 2 * 6  # one update per step: 2 epochs of 6 batches
