@@ -97,15 +97,15 @@ def test_a_nan_loss_stops_at_once_without_a_checkpoint(splits) -> None:
 
 
 def test_the_fast_path_learns_as_well_as_the_plain_path(splits) -> None:
-    # Fast: torch.compile + bf16 autocast; plain: eager fp32. Both see the same batches and flips.
-    # After one epoch (the synthetic classes are all learned by the second) val top-1 of the plain
-    # path is 0.81-0.89 over seeds 0-2, so "within noise" is 0.05 here; chance is 0.01.
-    tiny = {"train.limit_train_batches": 0, "model.num_blocks": 2}  # 2 blocks: half the compile time
+    # Fast: torch.compile + bf16 autocast; plain: eager fp32. Both see the same batches and flips,
+    # so they differ only by bf16 rounding: 0.05 apart at most, while the plain path's val top-1
+    # after this one epoch spreads 0.50-0.63 over seeds 0-2. Chance is 0.01.
+    tiny = {"train.limit_train_batches": 0, "model.num_blocks": 1}  # 1 block: a quarter of the compile time
     plain = run(small(1, **tiny), splits).reports[-1]
     fast_session = run(small(1, **tiny, **{"train.compile": True, "train.precision": "bf16"}), splits)
     fast = fast_session.reports[-1]
 
-    assert plain["val_top1"] > 0.5
+    assert plain["val_top1"] > 0.3
     assert abs(fast["val_top1"] - plain["val_top1"]) <= 0.05
     # Checkpoints hold the plain module: no `_orig_mod.` prefix from the compiled wrapper.
     assert set(fast_session.last_checkpoint["model"]) == set(build_model(small(1, **tiny).model).state_dict())
