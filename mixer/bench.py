@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from mixer import config, data
 from mixer.augment import augment_batch, normalize
@@ -102,12 +103,7 @@ def plain_loop(cfg: Config, train: data.Split, val: data.Split, mean: list[float
         order = torch.randperm(len(images), device=device)
         for step in range(t.limit_train_batches):
             idx = order[step * t.batch_size:(step + 1) * t.batch_size]
-            with autocast:
-                loss = F.cross_entropy(model(augment_batch(normalize(images[idx], mean, std), t.augment)),
-                                       labels[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _train_step(model, optimizer, images[idx], labels[idx], mean, std, cfg, autocast)
         eval_seconds = _evaluate(model, val, mean, std, cfg, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -166,7 +162,7 @@ def profile(cfg: Config, train: data.Split, mean: list[float], std: list[float],
             steps: int = 20) -> str:
     """Where a training step's time goes: torch.profiler over `steps` steps of the pipeline's loop
     body (after as many warm-up steps), the top operators by self time."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+    from torch.profiler import ProfilerActivity, profile as torch_profile
 
     from mixer.loop import adamw
 
@@ -182,15 +178,7 @@ def profile(cfg: Config, train: data.Split, mean: list[float], std: list[float],
 
     def step(i: int) -> None:
         idx = slice(i * t.batch_size, (i + 1) * t.batch_size)
-        with record_function("augment"):
-            x = augment_batch(normalize(images[idx], mean, std), t.augment)
-        with autocast, record_function("forward"):
-            loss = F.cross_entropy(model(x), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        with record_function("backward"):
-            loss.backward()
-        with record_function("optimizer"):
-            optimizer.step()
+        _train_step(model, optimizer, images[idx], labels[idx], mean, std, cfg, autocast)
 
     model.train()
     for i in range(steps):
@@ -203,6 +191,21 @@ def profile(cfg: Config, train: data.Split, mean: list[float], std: list[float],
             torch.cuda.synchronize(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=20)
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                labels: torch.Tensor, mean: list[float], std: list[float], cfg: Config,
+                autocast: torch.autocast) -> None:
+    """One plain step on a uint8 batch; the labelled ranges name its parts in a profile (no-ops otherwise)."""
+    with record_function("augment"):
+        x = augment_batch(normalize(images, mean, std), cfg.train.augment)
+    with autocast, record_function("forward"):
+        loss = F.cross_entropy(model(x), labels)
+    optimizer.zero_grad(set_to_none=True)
+    with record_function("backward"):
+        loss.backward()
+    with record_function("optimizer"):
+        optimizer.step()
 
 
 @dataclass(frozen=True)

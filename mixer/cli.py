@@ -149,7 +149,7 @@ def _bench(cfg: Config, args: argparse.Namespace) -> None:
 def _result(cfg: Config, args: argparse.Namespace) -> None:
     from mixer import bench, results
 
-    results_dir = args.results_dir or cfg.root / "results"
+    results_dir = _results_dir(cfg, args)
     r = results.record(cfg, args.name, args.weights or cfg.train.models_dir, args.command, args.wall_seconds,
                        args.hardware or bench.hardware("cpu"), results_dir)
     print(f"{r['name']}: test top1 {r['test_top1']:.2%} top5 {r['test_top5']:.2%} -> {results_dir / r['name']}")
@@ -158,7 +158,11 @@ def _result(cfg: Config, args: argparse.Namespace) -> None:
 def _results(cfg: Config, args: argparse.Namespace) -> None:
     from mixer import results
 
-    print(results.table(results.load_all(args.results_dir or cfg.root / "results")))
+    print(results.table(results.load_all(_results_dir(cfg, args))))
+
+
+def _results_dir(cfg: Config, args: argparse.Namespace) -> Path:
+    return args.results_dir or cfg.root / "results"
 
 
 def _info(cfg: Config, args: argparse.Namespace) -> None:

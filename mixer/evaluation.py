@@ -16,9 +16,14 @@ from mixer.augment import normalize
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     """How many rows have their label among the k highest logits."""
+    return int(topk_hits(logits, labels, k))
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """topk_correct as a 0-dim tensor on the logits' device: summing it costs no host sync."""
     k = min(k, logits.shape[1])
     top = logits.topk(k, dim=1).indices  # (B, k)
-    return int((top == labels.view(-1, 1)).any(dim=1).sum())
+    return (top == labels.view(-1, 1)).any(dim=1).sum()
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

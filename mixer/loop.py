@@ -31,6 +31,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from mixer import data
 from mixer.augment import augment_batch, mix_batch, normalize
 from mixer.config import Config
+from mixer.evaluation import topk_hits
 from mixer.model import build_model
 
 
@@ -180,9 +181,8 @@ def _validate(model: nn.Module, val: data.Split, mean: Sequence[float], std: Seq
             logits = model(x).float()
         # Summed on the device, read once after the last batch: no host sync per batch.
         sums[0] += F.cross_entropy(logits, y, reduction="sum")
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
-        sums[1] += top5[:, 0].sum()
-        sums[2] += top5.sum()
+        sums[1] += topk_hits(logits, y, 1)
+        sums[2] += topk_hits(logits, y, 5)
         sums[3] += len(y)
     _all_reduce_sum(sums)
     n = max(float(sums[3]), 1.0)
@@ -257,7 +257,6 @@ def _all_reduce_sum(tensor: torch.Tensor) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
-
 @dataclass
 class LocalSession:
     """One process, no Ray: for benchmarks and tests of the loop itself."""
@@ -280,5 +279,3 @@ class LocalSession:
         self.reports.append(metrics)
         if checkpoint is not None:  # a snapshot, as a saved file would be: state_dict() shares tensors
             self.last_checkpoint = copy.deepcopy(checkpoint)
-
-
