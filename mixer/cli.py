@@ -150,7 +150,7 @@ def _result(cfg: Config, args: argparse.Namespace) -> None:
     from mixer import bench, results
 
     results_dir = _results_dir(cfg, args)
-    r = results.record(cfg, args.name, args.weights or cfg.train.models_dir, args.command, args.wall_seconds,
+    r = results.record(cfg, args.name, args.weights or cfg.train.models_dir, args.train_command, args.wall_seconds,
                        args.hardware or bench.hardware("cpu"), results_dir)
     print(f"{r['name']}: test top1 {r['test_top1']:.2%} top5 {r['test_top5']:.2%} -> {results_dir / r['name']}")
 
@@ -230,7 +230,9 @@ def _result_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="the result's folder under --results-dir (e.g. seed, best)")
     parser.add_argument("--weights", type=Path, default=None, help="an exported model folder (default: "
                         "train.models_dir); copied to results/NAME unless it is that folder")
-    parser.add_argument("--command", required=True, help="the command that trained it, as anyone would rerun it")
+    # Not dest "command": that is the subcommand's own name.
+    parser.add_argument("--command", dest="train_command", required=True,
+                        help="the command that trained it, as anyone would rerun it")
     parser.add_argument("--wall-seconds", type=float, default=None, help="training wall time, every resumed part summed")
     parser.add_argument("--hardware", default=None, help="where it trained (default: this machine's CPU)")
     parser.add_argument("--results-dir", type=Path, default=None, help="default: results/ in the project")

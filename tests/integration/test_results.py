@@ -33,12 +33,19 @@ def test_a_recorded_result_is_what_evaluate_reproduces(tmp_path: Path, prepared_
     export_model(cfg, cfg.train.models_dir)
     command = "mixer train train.precision=bf16 train.run_name=seed"
 
-    result = results.record(cfg, "seed", cfg.train.models_dir, command, 3600.0, "a test CPU", tmp_path / "results")
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    settings = {k: v for k, v in cfg.to_dict().items() if k != "root"}
+    params.write_text(json.dumps(settings, default=str))  # YAML is a superset of JSON
+
+    assert cli.main(["result", "seed", "--params", str(params), "--command", command, "--wall-seconds", "3600",
+                     "--hardware", "a test CPU", "--results-dir", str(tmp_path / "results")]) == 0
 
     folder = tmp_path / "results" / "seed"
+    result = json.loads((folder / "result.json").read_text())
     assert sorted(p.name for p in folder.iterdir()) == ["learning_curves.png", "model.pt", "result.json",
                                                          "train.json"]
-    assert json.loads((folder / "result.json").read_text()) == result
+    assert result["hardware"] == "a test CPU"
     assert result["preset"] == "seed" and result["parameters"] == sum(p.numel() for p in build_model(cfg.model).parameters())
     assert result["epochs_run"] == 2 and result["best_epoch"] == 2 and result["best_val_top1"] == 0.02
     assert result["recipe"]["lr"] == cfg.train.lr and "models_dir" not in result["recipe"]
@@ -46,10 +53,6 @@ def test_a_recorded_result_is_what_evaluate_reproduces(tmp_path: Path, prepared_
 
     # `mixer evaluate --weights results/seed`, from the CLI, reproduces the recorded test figures.
     (tmp_path / "metrics" / "eval.json").unlink()
-    monkeypatch.chdir(tmp_path)
-    params = tmp_path / "params.yaml"
-    settings = {k: v for k, v in cfg.to_dict().items() if k != "root"}
-    params.write_text(json.dumps(settings, default=str))  # YAML is a superset of JSON
     assert cli.main(["evaluate", "--params", str(params), "--weights", str(folder)]) == 0
     metrics = json.loads((tmp_path / "metrics" / "eval.json").read_text())
     assert (metrics["top1"], metrics["top5"]) == (result["test_top1"], result["test_top5"])
