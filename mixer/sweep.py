@@ -24,6 +24,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler
 
 from mixer import config, publish, registry, reports, tracking, training
+from mixer.progress import EPOCH_METRICS, EpochLog
 from mixer.config import Config
 
 METRIC, MODE = "val_loss", "min"  # what ASHA and the final choice rank trials by
@@ -122,7 +123,7 @@ def _best(results: ray.tune.ResultGrid) -> tuple[str, dict[str, Any], list[dict[
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
     frame = best.metrics_dataframe.drop_duplicates("epoch", keep="last").sort_values("epoch")
     row = frame.loc[frame[METRIC].idxmin()].to_dict()
-    history = [{key: float(r[key]) for key in ("epoch", *tracking.EPOCH_METRICS)} | {"epoch": int(r["epoch"])}
+    history = [{key: float(r[key]) for key in ("epoch", *EPOCH_METRICS)} | {"epoch": int(r["epoch"])}
                for r in frame.to_dict("records")]
     return best.metrics["trial_id"], row, history
 
@@ -142,7 +143,7 @@ class TrialRuns(ray.tune.Callback):
         self.cfg, self.name, self.parent, self.data_version = cfg, name, parent_run_id, data_version
         self.overrides: dict[str, dict[str, Any]] = {}
         self.run_ids: dict[str, str] = {}
-        self.logs: dict[str, tracking.EpochLog] = {}
+        self.logs: dict[str, EpochLog] = {}
         self.best: dict[str, dict[str, float]] = {}
         self.status: dict[str, str] = {}
 
@@ -152,7 +153,7 @@ class TrialRuns(ray.tune.Callback):
         device = "cuda" if cfg.ray.use_gpu else "cpu"
         run_id = tracking.start_training_run(cfg, self.data_version, device, parent_run_id=self.parent)
         self.overrides[trial.trial_id], self.run_ids[trial.trial_id] = overrides, run_id
-        self.logs[trial.trial_id] = tracking.EpochLog(cfg.mlflow.tracking_uri, run_id)
+        self.logs[trial.trial_id] = EpochLog(cfg.mlflow.tracking_uri, run_id)
         self.status[trial.trial_id] = "RUNNING"
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:

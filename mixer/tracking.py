@@ -1,7 +1,7 @@
 """MLflow runs: params, per-epoch metrics, lineage tags, artifacts, the logged model.
 
 One `mixer train` = one run in `cfg.mlflow.experiment`. The driver side writes everything: epochs
-arrive through `EpochLog` from the Ray Train controller (workers never talk to MLflow), the rest
+arrive through `mixer.progress.EpochLog` from the Ray Train controller (workers never talk to MLflow), the rest
 from the `mixer` commands. Artifacts live under `cfg.mlflow.artifact_root` as plain file:// paths,
 so a tracking server (started without artifact proxying) and direct SQLite clients read and write
 the same files.
@@ -27,8 +27,8 @@ from mlflow.tracking._model_registry import utils as _registry_utils
 from mlflow.tracking._tracking_service import utils as _tracking_utils
 
 from mixer.config import Config
+from mixer.progress import EPOCH_METRICS
 
-EPOCH_METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")
 MODEL_URI_TAG = "model_uri"
 # Where `mixer server` (and `mixer stack up`) serve the UI over the project's SQLite store.
 DEFAULT_UI = "http://127.0.0.1:5000"
@@ -188,43 +188,6 @@ def _resume(mlflow_client: MlflowClient, experiment: str, name: str, params: Map
                          f"{run.data.params[first]} -> {params[first]}); resume with the same params or pick a new name")
     mlflow_client.update_run(run.info.run_id, status="RUNNING")
     return run.info.run_id
-
-
-class EpochLog:
-    """Logs each reported epoch once, at step = epoch, even when Ray restarts workers.
-
-    A restarted worker group resumes from the last checkpoint and reports again the epochs after
-    it; those already in MLflow are skipped, so the run keeps one point per epoch.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        self.last_logged: int | None = None  # read from MLflow on first use (the run may be resumed)
-        self.lost = False  # MLflow failed once: stop trying (each try would wait out its HTTP retries)
-
-    def __call__(self, metrics: Mapping[str, Any]) -> None:
-        if self.lost:
-            return
-        try:
-            self._log(metrics)
-        except Exception as err:  # the server went away: training goes on, fit() backfills at the end
-            self.lost = True
-            print(f"warning: MLflow stopped answering ({type(err).__name__}); training continues, and the "
-                  f"epochs are logged when it is back (or by `mixer register --from`)", flush=True)
-
-    def _log(self, metrics: Mapping[str, Any]) -> None:
-        mlflow_client = MlflowClient(tracking_uri=self.tracking_uri)
-        if self.last_logged is None:
-            history = mlflow_client.get_metric_history(self.run_id, "val_loss")
-            self.last_logged = max((m.step for m in history), default=0)
-        epoch = int(metrics["epoch"])
-        if epoch <= self.last_logged:
-            return
-        timestamp = int(time.time() * 1000)
-        mlflow_client.log_batch(self.run_id, metrics=[
-            Metric(name, float(metrics[name]), timestamp, epoch) for name in EPOCH_METRICS])
-        self.last_logged = epoch
 
 
 def finish_training_run(cfg: Config, run_id: str, summary: Mapping[str, float], models_dir: Path,

@@ -32,6 +32,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 from mixer import config, data, export
 from mixer.config import Config
 from mixer.loop import train_loop
+from mixer.progress import EpochLog, OnEpoch, ProgressLine, TrainingError, stop_if_diverged
 from mixer.ray_cluster import connect
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -82,33 +83,6 @@ def _read_checkpoint(folder: Path) -> dict[str, Any]:
 
 
 # --- the driver -----------------------------------------------------------------------------
-
-
-class ProgressLine:
-    """One console line per epoch."""
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def __call__(self, m: dict[str, Any]) -> None:
-        print(f"epoch {m['epoch']:>3}/{self.epochs}  train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2%}"
-              f"  val loss {m['val_loss']:.4f} top1 {m['val_top1']:.2%} top5 {m['val_top5']:.2%}"
-              f"  lr {m['lr']:.2e}  {m['epoch_seconds']:.1f}s", flush=True)
-
-
-class OnEpoch(UserCallback):
-    """Hands rank 0's report of each epoch to plain callables, on the Ray Train controller.
-
-    The controller runs beside the driver, so MLflow logging here needs no route from the workers
-    to the tracking store.
-    """  # Ray-specific
-
-    def __init__(self, *handlers: Callable[[dict[str, Any]], None]) -> None:
-        self.handlers = handlers
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        for handler in self.handlers:
-            handler(metrics[0])
 
 
 @dataclass(frozen=True)
@@ -166,13 +140,9 @@ def fit(cfg: Config, callbacks: Sequence[UserCallback] = (), inputs: TrainingInp
     connect(cfg)
     inputs = inputs or load_inputs(cfg)
     run_id = tracking.start_training_run_if_reachable(cfg, inputs.data_version, device)  # None: untracked
-    handlers: list[Callable[[dict[str, Any]], None]] = [ProgressLine(cfg.train.epochs)]
-    if run_id:
-        handlers.append(tracking.EpochLog(cfg.mlflow.tracking_uri, run_id))
-    handlers.append(stop_if_diverged)  # after logging: the nan epoch shows in the curves
     try:
         with _sigterm_interrupts() as received:
-            best_state, history = _on_helper_thread(run_trainer, cfg, inputs, [OnEpoch(*handlers), *callbacks])
+            best_state, history = _on_helper_thread(run_trainer, cfg, inputs, [on_epoch(cfg, run_id), *callbacks])
     except BaseException as err:
         failure = _explain(cfg, err, received)
         if run_id:
@@ -198,12 +168,17 @@ def fit(cfg: Config, callbacks: Sequence[UserCallback] = (), inputs: TrainingInp
     return FitResult(cfg.train.models_dir, best_epoch, history, run_id, model_uri)
 
 
-class TrainingError(ValueError):
-    """Training stopped for a reason the user can act on; the message says what to do."""
+def on_epoch(cfg: Config, run_id: str | None) -> OnEpoch:
+    """What the controller does with each epoch: print it, log it to the MLflow run (if any), stop on nan.
 
-
-class TrainingDiverged(TrainingError):
-    """The loss became nan or inf."""
+    The controller unpickles this as it starts: everything in it comes from mixer.progress, which
+    imports no torch and no MLflow (tests/unit/test_startup.py).
+    """
+    handlers: list[Callable[[dict[str, Any]], None]] = [ProgressLine(cfg.train.epochs)]
+    if run_id:
+        handlers.append(EpochLog(cfg.mlflow.tracking_uri, run_id))
+    handlers.append(stop_if_diverged)  # after logging: the nan epoch shows in the curves
+    return OnEpoch(*handlers)
 
 
 class CheckpointWriteError(TrainingError):
@@ -216,15 +191,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
-
-
-def stop_if_diverged(metrics: dict[str, Any]) -> None:
-    """On the controller: end the run at the first nan/inf epoch (the workers stopped already)."""
-    if metrics.get("diverged"):
-        raise TrainingDiverged(
-            f"training diverged: train loss {metrics['train_loss']}, val loss {metrics['val_loss']} in epoch "
-            f"{metrics['epoch']} (lr {metrics['lr']:.2e}); nothing was exported or registered; lower train.lr "
-            f"or use train.precision=fp32 and train again")
 
 
 def _on_helper_thread(fn: Callable[..., Any], *args: Any) -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mixer import config, tracking
+from mixer import config, progress, tracking
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
@@ -28,8 +28,8 @@ def test_a_dead_server_is_not_reachable_and_a_database_always_is(nobody: str) ->
 def test_epoch_logging_survives_a_server_that_went_away(nobody: str, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    log = tracking.EpochLog(nobody, "0123456789abcdef")
-    epoch = {name: 0.5 for name in tracking.EPOCH_METRICS}
+    log = progress.EpochLog(nobody, "0123456789abcdef")
+    epoch = {name: 0.5 for name in progress.EPOCH_METRICS}
     log({**epoch, "epoch": 1})  # raises nothing: the training it runs beside goes on
     log({**epoch, "epoch": 2})
     assert log.lost
