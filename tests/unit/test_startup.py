@@ -1,8 +1,7 @@
-"""What each process of a training run has to import before the first training step.
+"""What the Ray Train controller has to import before it asks for workers.
 
-On 2 cores, importing torch or MLflow costs seconds per process. The Ray Train controller unpickles
-the epoch callbacks as it starts, so they must pull in neither; a worker needs torch, never MLflow
-or DVC.
+On 2 cores, importing torch or MLflow costs seconds per process. The controller unpickles the epoch
+callbacks as it starts, so they must pull in neither.
 """
 
 from __future__ import annotations
@@ -30,7 +29,3 @@ def test_the_controllers_epoch_callbacks_import_neither_torch_nor_mlflow(tmp_pat
     blob = tmp_path / "callback.pkl"
     blob.write_bytes(ray.cloudpickle.dumps(callback))  # as Ray ships it to the controller
     assert heavy_imports(f"import ray.cloudpickle; ray.cloudpickle.loads(open({str(blob)!r}, 'rb').read())") == []
-
-
-def test_a_worker_imports_torch_but_not_mlflow_or_dvc() -> None:
-    assert heavy_imports("import mixer.training") == ["torch"]
