@@ -43,8 +43,8 @@ def _import_all(*modules: str) -> None:
 def _train(cfg: Config, args: argparse.Namespace) -> None:
     from mixer import ray_cluster
 
-    # Importing torch and Ray Train takes ~7 s on 2 cores, MLflow and DVC another ~3 s, starting Ray
-    # ~10 s: do them at once (the driver mostly waits on Ray's processes meanwhile).
+    # Importing torch and Ray Train takes ~7 s on 2 cores, MLflow up to ~5 s and DVC ~1 s more, starting
+    # Ray ~11 s: do them at once (the driver mostly waits on Ray's processes meanwhile).
     importer = threading.Thread(target=_import_all, args=TRAIN_DRIVER_MODULES, daemon=True)
     importer.start()
     ray_cluster.connect(cfg)
