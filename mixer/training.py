@@ -30,6 +30,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
 # worker start) are needed only on the driver: its functions import tracking, serving and versioning
 # where they use them.
 from mixer import config, data, export
+from mixer.background import Background
 from mixer.config import Config
 from mixer.loop import train_loop
 from mixer.progress import EpochLog, OnEpoch, ProgressLine, TrainingError, stop_if_diverged
@@ -113,16 +114,31 @@ class TrainingInputs:
     data_version: str | None
 
 
-def load_inputs(cfg: Config) -> TrainingInputs:
-    """Read the prepared splits and put them in the object store (connect() first)."""
+@dataclass(frozen=True)
+class LocalInputs:
+    """The checked splits in the driver's memory, before they go to the object store."""
+
+    train: data.Split
+    val: data.Split
+    meta: dict[str, Any]
+    data_version: str | None
+
+
+def read_inputs(cfg: Config) -> LocalInputs:
+    """Check the prepared data against dvc.lock, then read it. Needs no Ray: `mixer train` runs it while
+    Ray starts."""
     from mixer import versioning
 
     data_version = versioning.check_data_matches_lock(cfg.root, cfg.data.out_dir)  # before any split is read
-    train_split = data.load_split(cfg.data.out_dir, "train")
-    val_split = data.load_split(cfg.data.out_dir, "val")
-    return TrainingInputs(train=ray.put(train_split), val=ray.put(val_split),
-                          meta=data.load_meta(cfg.data.out_dir), example_images=val_split.images[:2].copy(),
-                          data_version=data_version)
+    return LocalInputs(train=data.load_split(cfg.data.out_dir, "train"), val=data.load_split(cfg.data.out_dir, "val"),
+                       meta=data.load_meta(cfg.data.out_dir), data_version=data_version)
+
+
+def load_inputs(cfg: Config, local: LocalInputs | None = None) -> TrainingInputs:
+    """Put the splits in the object store (connect() first), reading them first unless `local` holds them."""
+    local = local or read_inputs(cfg)
+    return TrainingInputs(train=ray.put(local.train), val=ray.put(local.val), meta=local.meta,
+                          example_images=local.val.images[:2].copy(), data_version=local.data_version)
 
 
 def fit(cfg: Config, callbacks: Sequence[UserCallback] = (), inputs: TrainingInputs | None = None) -> FitResult:
@@ -200,21 +216,7 @@ def _on_helper_thread(fn: Callable[..., Any], *args: Any) -> Any:
     the process with status 0; here the interrupt is raised instead, so that fit() closes the MLflow
     run as KILLED and says how to resume.
     """
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = fn(*args)
-        except BaseException as err:  # handed to the caller's thread
-            outcome["error"] = err
-
-    thread = threading.Thread(target=target, name="mixer-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.5)  # a timed wait: signals are handled between waits
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
+    return Background(fn, *args, name="mixer-fit").result()
 
 
 @contextlib.contextmanager
