@@ -159,6 +159,8 @@ class EvalConfig:
     batch_size: int = field(metadata=_positive())
     metrics_dir: Path
     plots_dir: Path
+    # Test-time augmentation: score each image as the mean of its logits and its mirror image's.
+    flip_average: bool
     # The nightly check fails when the champion's test top-1 is this far (a fraction, 0.02 = two
     # points) below the top-1 recorded when it was registered.
     max_drop: float = field(metadata=_fraction())

@@ -58,9 +58,11 @@ class EvalResult:
 @torch.no_grad()
 def predict_logits(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, mean: Sequence[float],
                    std: Sequence[float], batch_size: int, device: torch.device | str = "cpu",
-                   limit_batches: int = 0) -> torch.Tensor:
+                   limit_batches: int = 0, flip_average: bool = False) -> torch.Tensor:
     """float32 logits on the CPU for uint8 (N, H, W, C) images; limit_batches 0 = all of them.
 
+    flip_average: the mean of the logits of each image and of its mirror image (left-right), a
+    test-time augmentation matching the training flips; it costs a second forward pass.
     The model runs in eval mode (no dropout) and is put back in its previous mode afterwards.
     """
     was_training = model.training
@@ -73,7 +75,11 @@ def predict_logits(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, me
     try:
         for start in starts:
             batch = images[start:start + batch_size].to(device, non_blocking=True)
-            outputs.append(model(normalize(batch, mean, std)).float().cpu())
+            logits = model(normalize(batch, mean, std)).float()
+            if flip_average:
+                mirrored = batch.flip(2)  # (B, H, W, C): W is dim 2
+                logits = (logits + model(normalize(mirrored, mean, std)).float()) / 2
+            outputs.append(logits.cpu())
     finally:
         model.train(was_training)
     if not outputs:
@@ -84,9 +90,9 @@ def predict_logits(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, me
 def evaluate(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
              mean: Sequence[float], std: Sequence[float], batch_size: int,
              device: torch.device | str = "cpu", limit_batches: int = 0,
-             num_classes: int = 100) -> EvalResult:
+             num_classes: int = 100, flip_average: bool = False) -> EvalResult:
     """Top-1, top-5, mean loss and the confusion matrix over (the first limit_batches of) a split."""
-    logits = predict_logits(model, images_uint8, mean, std, batch_size, device, limit_batches)
+    logits = predict_logits(model, images_uint8, mean, std, batch_size, device, limit_batches, flip_average)
     count = logits.shape[0]
     if count == 0:
         raise ValueError("evaluate: no images to evaluate")

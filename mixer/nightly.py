@@ -69,7 +69,7 @@ def check_champion(cfg: Config) -> NightlyResult:
     # The same function and settings as the evaluation at registration, so the numbers are comparable.
     result = evaluate(exported.model, test.images, test.fine_labels, exported.mean, exported.std,
                       batch_size=cfg.eval.batch_size, limit_batches=cfg.train.limit_eval_batches,
-                      num_classes=exported.config.num_classes)
+                      num_classes=exported.config.num_classes, flip_average=cfg.eval.flip_average)
     failure = _failure(cfg, champion, result.top1, data_version)
     tags = {"model_name": name, "model_version": str(champion.version), "data_version": data_version or "unversioned",
             "registered_data_version": champion.data_version or "unknown", STATUS_TAG: FAILED if failure else PASSED}

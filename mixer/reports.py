@@ -32,9 +32,10 @@ def evaluate_models(cfg: Config, models_dir: Path | None = None) -> dict[str, An
     meta = data.load_meta(cfg.data.out_dir)
     result = evaluate(exported.model, test.images, test.fine_labels, exported.mean, exported.std,
                       batch_size=cfg.eval.batch_size, limit_batches=cfg.train.limit_eval_batches,
-                      num_classes=exported.config.num_classes)
+                      num_classes=exported.config.num_classes, flip_average=cfg.eval.flip_average)
     metrics = {
         **result.to_metrics(),
+        "flip_average": cfg.eval.flip_average,
         "data_version": data_version,
         "preset": exported.config.preset,
         "best_epoch": exported.summary.get("best_epoch"),

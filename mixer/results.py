@@ -62,6 +62,7 @@ def record(cfg: Config, name: str, weights: Path, command: str, wall_seconds: fl
         "test_top5": metrics["top5"],
         "test_loss": metrics["loss"],
         "test_images": metrics["count"],
+        "flip_average": metrics["flip_average"],  # `mixer evaluate` reproduces the figures with the same eval.flip_average
         "train_seconds": round(sum(row.get("epoch_seconds", 0.0) for row in history), 1),
         "wall_seconds": wall_seconds,
         "hardware": hardware,
@@ -82,11 +83,11 @@ def load_all(results_dir: Path) -> list[dict[str, Any]]:
 
 def table(results: list[dict[str, Any]]) -> str:
     """The README's results table (Markdown)."""
-    rows = ["| result | preset | params | epochs (best) | test top-1 | test top-5 | wall time | hardware |",
-            "|---|---|---:|---:|---:|---:|---:|---|"]
+    rows = ["| result | preset | params | epochs (best) | test top-1 | test top-5 | flip-averaged | wall time | hardware |",
+            "|---|---|---:|---:|---:|---:|---|---:|---|"]
     for r in results:
         wall = f"{r['wall_seconds'] / 3600:.1f} h" if r.get("wall_seconds") else "-"
         rows.append(f"| [{r['name']}](results/{r['name']}/{RESULT_FILE}) | {r['preset']} | {r['parameters']:,} | "
                     f"{r['epochs_run']} ({r['best_epoch']}) | {r['test_top1']:.2%} | {r['test_top5']:.2%} | "
-                    f"{wall} | {r['hardware']} |")
+                    f"{'yes' if r.get('flip_average') else 'no'} | {wall} | {r['hardware']} |")
     return "\n".join(rows)

@@ -69,3 +69,28 @@ def test_a_result_is_refused_whole_before_anything_is_written(tmp_path: Path, pr
     with pytest.raises(results.ResultError, match="names a folder"):
         results.record(cfg, "../seed", tmp_path / "missing", "mixer train", None, "cpu", tmp_path / "results")
     assert not (tmp_path / "results").exists()
+
+
+def test_a_flip_averaged_result_is_recorded_as_such_and_reproduced_with_it(
+        tmp_path: Path, prepared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_config(tmp_path, prepared_data)
+    export_model(cfg, cfg.train.models_dir)
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({k: v for k, v in cfg.to_dict().items() if k != "root"}, default=str))
+
+    assert cli.main(["result", "tta", "--params", str(params), "--command", "mixer train",
+                     "--results-dir", str(tmp_path / "results"), "eval.flip_average=true"]) == 0
+    result = json.loads((tmp_path / "results" / "tta" / "result.json").read_text())
+    assert result["flip_average"] is True
+
+    def evaluate(*overrides: str) -> dict:
+        assert cli.main(["evaluate", "--params", str(params), "--weights", str(tmp_path / "results" / "tta"),
+                         *overrides]) == 0
+        return json.loads((tmp_path / "metrics" / "eval.json").read_text())
+
+    with_flips = evaluate("eval.flip_average=true")
+    assert (with_flips["top1"], with_flips["top5"], with_flips["loss"]) == (
+        result["test_top1"], result["test_top5"], result["test_loss"])
+    assert with_flips["flip_average"] is True
+    assert evaluate()["loss"] != result["test_loss"]  # the setting is what reproduces it

@@ -86,3 +86,20 @@ def test_limit_batches_evaluates_a_prefix() -> None:
     result = evaluate(model, images, labels, MEAN, STD, batch_size=16, limit_batches=1, num_classes=10)
     assert result.count == 16
     assert int(result.confusion.sum()) == 16
+
+
+def test_flip_average_is_the_mean_over_each_image_and_its_mirror() -> None:
+    torch.manual_seed(0)
+    model = Tiny()  # a linear layer over the flattened image: not mirror-symmetric
+    images, labels = data(50)
+    mirrored = images[:, :, ::-1, :].copy()  # (N, H, W, C): left-right
+    plain = predict_logits(model, images, MEAN, STD, batch_size=16)
+    plain_mirrored = predict_logits(model, mirrored, MEAN, STD, batch_size=16)
+    assert not torch.allclose(plain, plain_mirrored)  # otherwise the test below proves nothing
+
+    averaged = predict_logits(model, images, MEAN, STD, batch_size=16, flip_average=True)
+    torch.testing.assert_close(averaged, (plain + plain_mirrored) / 2)
+    # An image and its mirror get the same scores, so their evaluations agree.
+    torch.testing.assert_close(predict_logits(model, mirrored, MEAN, STD, batch_size=16, flip_average=True), averaged)
+    result = evaluate(model, images, labels, MEAN, STD, batch_size=16, num_classes=10, flip_average=True)
+    assert result.top1 == pytest.approx(float((averaged.argmax(1).numpy() == labels).mean()))
