@@ -75,10 +75,10 @@ def predict_logits(model: nn.Module, images_uint8: np.ndarray | torch.Tensor, me
     try:
         for start in starts:
             batch = images[start:start + batch_size].to(device, non_blocking=True)
-            logits = model(normalize(batch, mean, std)).float()
+            x = normalize(batch, mean, std)
+            logits = model(x).float()
             if flip_average:
-                mirrored = batch.flip(2)  # (B, H, W, C): W is dim 2
-                logits = (logits + model(normalize(mirrored, mean, std)).float()) / 2
+                logits = (logits + model(x.flip(3)).float()) / 2  # (B, C, H, W): W is dim 3
             outputs.append(logits.cpu())
     finally:
         model.train(was_training)

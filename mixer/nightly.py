@@ -17,9 +17,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from mixer import data, registry, serving, tracking, versioning
+from mixer import data, registry, reports, serving, tracking, versioning
 from mixer.config import Config
-from mixer.evaluation import evaluate
 
 STATUS_TAG = "nightly_status"  # on the eval run: passed / failed
 PASSED, FAILED = "passed", "failed"
@@ -67,9 +66,7 @@ def check_champion(cfg: Config) -> NightlyResult:
     test = data.load_split(cfg.data.out_dir, "test")
     exported = model.exported
     # The same function and settings as the evaluation at registration, so the numbers are comparable.
-    result = evaluate(exported.model, test.images, test.fine_labels, exported.mean, exported.std,
-                      batch_size=cfg.eval.batch_size, limit_batches=cfg.train.limit_eval_batches,
-                      num_classes=exported.config.num_classes, flip_average=cfg.eval.flip_average)
+    result = reports.score_test_split(cfg, exported, test)
     failure = _failure(cfg, champion, result.top1, data_version)
     tags = {"model_name": name, "model_version": str(champion.version), "data_version": data_version or "unversioned",
             "registered_data_version": champion.data_version or "unknown", STATUS_TAG: FAILED if failure else PASSED}

@@ -18,7 +18,7 @@ from typing import Any
 from mixer import data, export, plots, tracking, versioning
 from mixer.atomic import atomic_write_text
 from mixer.config import Config
-from mixer.evaluation import evaluate
+from mixer.evaluation import EvalResult, evaluate
 
 PLOT_FILES = ("training.csv", "per_class_accuracy.csv", "training_curves.png", "confusion_matrix.png")
 CURVE_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")
@@ -30,9 +30,7 @@ def evaluate_models(cfg: Config, models_dir: Path | None = None) -> dict[str, An
     data_version = versioning.check_data_matches_lock(cfg.root, cfg.data.out_dir)  # before the split is read
     test = data.load_split(cfg.data.out_dir, "test")
     meta = data.load_meta(cfg.data.out_dir)
-    result = evaluate(exported.model, test.images, test.fine_labels, exported.mean, exported.std,
-                      batch_size=cfg.eval.batch_size, limit_batches=cfg.train.limit_eval_batches,
-                      num_classes=exported.config.num_classes, flip_average=cfg.eval.flip_average)
+    result = score_test_split(cfg, exported, test)
     metrics = {
         **result.to_metrics(),
         "flip_average": cfg.eval.flip_average,
@@ -57,6 +55,14 @@ def evaluate_models(cfg: Config, models_dir: Path | None = None) -> dict[str, An
         tracking.log_evaluation(cfg, run_id, metrics, [
             cfg.eval.metrics_dir / "eval.json", *(cfg.eval.plots_dir / name for name in PLOT_FILES)])
     return metrics
+
+
+def score_test_split(cfg: Config, exported: export.Exported, test: data.Split) -> EvalResult:
+    """The test-split evaluation with the eval settings: the one place registration figures and the
+    nightly check get theirs from, so they stay comparable."""
+    return evaluate(exported.model, test.images, test.fine_labels, exported.mean, exported.std,
+                    batch_size=cfg.eval.batch_size, limit_batches=cfg.train.limit_eval_batches,
+                    num_classes=exported.config.num_classes, flip_average=cfg.eval.flip_average)
 
 
 def _csv(header: tuple[str, ...], rows: list[list[Any]]) -> str:
