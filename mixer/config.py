@@ -152,6 +152,10 @@ class TrainConfig:
     # checkpoint and the same MLflow run. null = a fresh, unique run every time.
     run_name: str | None = field(metadata=_check(
         lambda v: v is None or all(c.isalnum() or c in "-_." for c in v), "must use only letters, digits, - _ ."))
+    # An exported models folder (models/, results/<name>/) whose weights start this run instead of
+    # random ones: fine-tuning, or a second schedule after a finished one. Optimizer, schedule and
+    # epochs start afresh; model.* must describe the same network. null = random initial weights.
+    init_from: Path | None = None
 
 
 @dataclass(frozen=True)

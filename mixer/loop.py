@@ -17,7 +17,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,12 +50,20 @@ class WorkerSession(Protocol):
 
 
 def train_loop(cfg: Config, train: data.Split, val: data.Split, mean: Sequence[float],
-               std: Sequence[float], session: WorkerSession) -> None:
-    """Train on this rank's shard, evaluate val across ranks, report and checkpoint every epoch."""
+               std: Sequence[float], session: WorkerSession,
+               initial_weights: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Train on this rank's shard, evaluate val across ranks, report and checkpoint every epoch.
+
+    `initial_weights` (train.init_from) replace the random initial weights; a checkpoint to resume
+    from replaces both.
+    """
     t = cfg.train
     device = session.device
     torch.manual_seed(t.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    raw_model = build_model(cfg.model).to(device)  # saved and validated: never a wrapper's prefixed names
+    raw_model = build_model(cfg.model)  # saved and validated: never a wrapper's prefixed names
+    if initial_weights is not None:  # before DDP's broadcast and the EMA's copy, which both start from them
+        raw_model.load_state_dict(initial_weights)
+    raw_model.to(device)
     model = session.prepare_model(raw_model)
     optimizer = adamw(model.parameters(), t.lr, t.weight_decay, device)
     # The weights validated, checkpointed as "model" and exported: an EMA of the trained ones, or them.

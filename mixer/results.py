@@ -44,6 +44,7 @@ def record(cfg: Config, name: str, weights: Path, command: str, wall_seconds: fl
                 shutil.copy2(weights / file, staging / file)
     metrics = reports.evaluate_models(cfg, folder)  # what `mixer evaluate --weights results/<name>` runs
     summary = exported.summary
+    origin = summary.get("init_from")
     history = summary.get("history", [])
     params = summary.get("params", {})
     result = {
@@ -53,7 +54,10 @@ def record(cfg: Config, name: str, weights: Path, command: str, wall_seconds: fl
                   ("patch_size", "hidden_dim", "num_blocks", "tokens_mlp_dim", "channels_mlp_dim", "dropout")},
         "parameters": count_parameters(exported.model),
         "forward_mflops_per_image": round(forward_flops(exported.config) / 1e6, 2),
-        "recipe": {k: v for k, v in params.get("train", {}).items() if k not in NOT_RECIPE},
+        "recipe": {k: _within(cfg.root, v) if k == "init_from" else v
+                   for k, v in params.get("train", {}).items() if k not in NOT_RECIPE},
+        # train.init_from: the run this one continued from (its epochs come on top of epochs_run).
+        "init_from": {**origin, "folder": _within(cfg.root, origin["folder"])} if origin else None,
         "epochs_run": len(history),
         "best_epoch": summary.get("best_epoch"),
         "best_val_top1": history[summary["best_epoch"] - 1]["val_top1"] if history and summary.get("best_epoch")
@@ -77,6 +81,13 @@ def record(cfg: Config, name: str, weights: Path, command: str, wall_seconds: fl
     return result
 
 
+def _within(root: Path, path: str | None) -> str | None:
+    """`path` relative to the project when it lies inside it: a result names no machine's folders."""
+    if path is None or not Path(path).is_relative_to(root):
+        return path
+    return str(Path(path).relative_to(root))
+
+
 def load_all(results_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(path.read_text()) for path in sorted(results_dir.glob(f"*/{RESULT_FILE}"))]
 
@@ -87,7 +98,10 @@ def table(results: list[dict[str, Any]]) -> str:
             "|---|---|---:|---:|---:|---:|---|---:|---|"]
     for r in results:
         wall = f"{r['wall_seconds'] / 3600:.1f} h" if r.get("wall_seconds") else "-"
+        # Continued from train.init_from: the epochs its starting weights (that run's best) had trained first.
+        earlier = (r.get("init_from") or {}).get("best_epoch")
+        epochs = f"{earlier} + {r['epochs_run']}" if earlier else f"{r['epochs_run']}"
         rows.append(f"| [{r['name']}](results/{r['name']}/{RESULT_FILE}) | {r['preset']} | {r['parameters']:,} | "
-                    f"{r['epochs_run']} ({r['best_epoch']}) | {r['test_top1']:.2%} | {r['test_top5']:.2%} | "
+                    f"{epochs} ({r['best_epoch']}) | {r['test_top1']:.2%} | {r['test_top5']:.2%} | "
                     f"{'yes' if r.get('flip_average') else 'no'} | {wall} | {r['hardware']} |")
     return "\n".join(rows)

@@ -75,8 +75,9 @@ class RaySession:
 def _ray_worker(loop_config: dict[str, Any]) -> None:
     """The function Ray Train runs on every worker."""  # Ray-specific
     train_split, val_split = ray.get([loop_config["train"], loop_config["val"]])
+    initial = loop_config["initial_weights"]
     train_loop(loop_config["config"], train_split, val_split, loop_config["mean"], loop_config["std"],
-               RaySession())
+               RaySession(), initial_weights=ray.get(initial) if initial is not None else None)
 
 
 def _read_checkpoint(folder: Path) -> dict[str, Any]:
@@ -112,6 +113,16 @@ class TrainingInputs:
     meta: dict[str, Any]  # mean, std, class names, counts
     example_images: np.ndarray  # two val images: the MLflow model's input example
     data_version: str | None
+    initial_weights: ray.ObjectRef | None = None  # train.init_from's state dict
+    init_origin: dict[str, Any] | None = None  # where those weights came from (InitialWeights.origin)
+
+
+@dataclass(frozen=True)
+class InitialWeights:
+    """train.init_from, read and checked by the driver: the weights a run starts from, and their origin."""
+
+    state_dict: dict[str, torch.Tensor]
+    origin: dict[str, Any]  # the folder, and the MLflow run, run name and epochs that trained the weights
 
 
 @dataclass(frozen=True)
@@ -122,23 +133,52 @@ class LocalInputs:
     val: data.Split
     meta: dict[str, Any]
     data_version: str | None
+    initial: InitialWeights | None = None
 
 
 def read_inputs(cfg: Config) -> LocalInputs:
-    """Check the prepared data against dvc.lock, then read it. Needs no Ray: `mixer train` runs it while
-    Ray starts."""
+    """Check the prepared data against dvc.lock, then read it, and train.init_from's weights. Needs no
+    Ray: `mixer train` runs it while Ray starts."""
     from mixer import versioning
 
+    initial = read_initial_weights(cfg)  # a wrong folder is refused before the data is even checked
     data_version = versioning.check_data_matches_lock(cfg.root, cfg.data.out_dir)  # before any split is read
     return LocalInputs(train=data.load_split(cfg.data.out_dir, "train"), val=data.load_split(cfg.data.out_dir, "val"),
-                       meta=data.load_meta(cfg.data.out_dir), data_version=data_version)
+                       meta=data.load_meta(cfg.data.out_dir), data_version=data_version, initial=initial)
+
+
+def read_initial_weights(cfg: Config) -> InitialWeights | None:
+    """The exported model train.init_from names, if any; refused (one line) unless model.* builds the
+    same network. Dropout may differ: it changes training, not the weights' shapes."""
+    folder = cfg.train.init_from
+    if folder is None:
+        return None
+    try:
+        exported = export.load(folder)
+    except export.ExportError as err:
+        raise config.ConfigError(f"train.init_from: {err}") from None
+    different = [name for name in export.SHAPE_FIELDS if getattr(exported.config, name) != getattr(cfg.model, name)]
+    if different:
+        theirs = ", ".join(f"{name}={getattr(exported.config, name)}" for name in different)
+        ours = ", ".join(f"{name}={getattr(cfg.model, name)}" for name in different)
+        raise config.ConfigError(f"train.init_from: {folder} holds a {exported.config.preset} model with {theirs}, "
+                                 f"but model.* builds {ours}; set model.preset={exported.config.preset} (and the "
+                                 f"same model fields) to start from it")
+    summary = exported.summary
+    origin = {"folder": str(folder), "mlflow_run_id": summary.get("mlflow_run_id"),
+              "run_name": summary.get("run_name"), "epochs_run": summary.get("epochs_run"),
+              "best_epoch": summary.get("best_epoch")}
+    return InitialWeights(state_dict=exported.model.state_dict(), origin=origin)
 
 
 def load_inputs(cfg: Config, local: LocalInputs | None = None) -> TrainingInputs:
     """Put the splits in the object store (connect() first), reading them first unless `local` holds them."""
     local = local or read_inputs(cfg)
+    initial = local.initial
     return TrainingInputs(train=ray.put(local.train), val=ray.put(local.val), meta=local.meta,
-                          example_images=local.val.images[:2].copy(), data_version=local.data_version)
+                          example_images=local.val.images[:2].copy(), data_version=local.data_version,
+                          initial_weights=ray.put(initial.state_dict) if initial else None,
+                          init_origin=initial.origin if initial else None)
 
 
 def fit(cfg: Config, callbacks: Sequence[UserCallback] = (), inputs: TrainingInputs | None = None) -> FitResult:
@@ -291,7 +331,7 @@ def save_best(cfg: Config, inputs: TrainingInputs, best_state: dict[str, Any], h
         "num_workers": cfg.ray.num_workers, "device": "cuda" if cfg.ray.use_gpu else "cpu",
         "precision": cfg.train.precision, "class_names": meta["fine_label_names"],
         "data_version": inputs.data_version, "mlflow_run_id": run_id, "run_name": cfg.train.run_name,
-        "params": tracking.logged_config(cfg)})
+        "init_from": inputs.init_origin, "params": tracking.logged_config(cfg)})
 
 
 def log_best(cfg: Config, inputs: TrainingInputs, run_id: str, models_dir: Path) -> str:
@@ -308,7 +348,7 @@ def run_trainer(cfg: Config, inputs: TrainingInputs, callbacks: Sequence[UserCal
                 name: str | None = None) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Run the TorchTrainer; returns (best checkpoint by val loss, the full per-epoch history)."""
     loop_config = {"config": cfg, "train": inputs.train, "val": inputs.val,
-                   "mean": inputs.meta["mean"], "std": inputs.meta["std"]}
+                   "mean": inputs.meta["mean"], "std": inputs.meta["std"], "initial_weights": inputs.initial_weights}
     trainer = ray.train.torch.TorchTrainer(
         _ray_worker,
         train_loop_config=loop_config,

@@ -14,7 +14,7 @@ from mixer.model import build_model
 from .conftest import tiny_config
 
 
-def export_model(cfg: config.Config, folder: Path) -> None:
+def export_model(cfg: config.Config, folder: Path, **info: object) -> None:
     """A real, untrained model exported the way training exports its best epoch."""
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -24,7 +24,7 @@ def export_model(cfg: config.Config, folder: Path) -> None:
              "val_top1": 0.01 * e, "val_top5": 0.05, "lr": 0.005, "epoch_seconds": 2.0} for e in (1, 2)]
     export.save(folder, model.state_dict(), cfg.model, meta["mean"], meta["std"], info={
         "best_epoch": 2, "history": rows, "precision": "bf16", "num_workers": 1,
-        "params": cfg.to_dict()})
+        "params": cfg.to_dict(), **info})
 
 
 def test_a_recorded_result_is_what_evaluate_reproduces(tmp_path: Path, prepared_data: Path,
@@ -94,3 +94,20 @@ def test_a_flip_averaged_result_is_recorded_as_such_and_reproduced_with_it(
         result["test_top1"], result["test_top5"], result["test_loss"])
     assert with_flips["flip_average"] is True
     assert evaluate()["loss"] != result["test_loss"]  # the setting is what reproduces it
+
+
+def test_a_continued_run_names_its_start_and_counts_both_parts(tmp_path: Path, prepared_data: Path) -> None:
+    start = tiny_config(tmp_path, prepared_data).root / "results" / "first"  # inside the project
+    cfg = tiny_config(tmp_path, prepared_data, **{"train.init_from": str(start)})
+    origin = {"folder": str(start), "mlflow_run_id": "abc", "run_name": "first", "epochs_run": 70, "best_epoch": 59}
+    export_model(cfg, cfg.train.models_dir, init_from=origin)
+
+    result = results.record(cfg, "second", cfg.train.models_dir, "mixer train train.init_from=results/first", None,
+                            "a test CPU", tmp_path / "results")
+
+    # Paths inside the project are recorded relative to it: a result names no machine's folders.
+    assert result["recipe"]["init_from"] == "results/first"
+    assert result["init_from"] == {**origin, "folder": "results/first"}
+    table = results.table([result])
+    assert "| second | seed |" in table.replace("[second](results/second/result.json)", "second")
+    assert f"| {result['parameters']:,} | 59 + 2 (2) |" in table  # the start's 59 epochs, then this run's 2

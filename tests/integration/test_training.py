@@ -77,6 +77,32 @@ def test_two_workers_on_two_nodes_stay_identical_and_learn(uninterrupted: Uninte
     assert set(payload["state_dict"]) == set(exported.model.state_dict())
 
 
+def test_a_run_started_from_an_export_trains_on_from_its_weights_on_both_nodes(
+        tmp_path: Path, prepared_data: Path, uninterrupted: Uninterrupted) -> None:
+    from mlflow import MlflowClient
+
+    source = uninterrupted.result
+    cfg = tiny_config(tmp_path, prepared_data, **{
+        "train.init_from": str(uninterrupted.cfg.train.models_dir), "train.epochs": 1,
+        "train.limit_train_batches": 1, "train.lr": 1.0e-9})  # one step that barely moves the weights
+    reports = tmp_path / "reports.jsonl"
+
+    result = training.fit(cfg, callbacks=[ReportsToFile(reports)])
+
+    # Both ranks start from the exported weights (not random ones), so epoch 1 validates as the
+    # source's best epoch did, and DDP keeps them identical.
+    [[rank0, rank1]] = [json.loads(line) for line in reports.read_text().splitlines()]
+    assert rank0["weights_checksum"] == rank1["weights_checksum"]
+    assert result.history[0]["val_top1"] == pytest.approx(source.best["val_top1"], abs=0.01)
+    # The lineage: the export and the MLflow run say where the weights came from.
+    origin = export.load(cfg.train.models_dir).summary["init_from"]
+    assert origin == {"folder": str(uninterrupted.cfg.train.models_dir), "mlflow_run_id": source.run_id,
+                      "run_name": export.read_summary(uninterrupted.cfg.train.models_dir)["run_name"],
+                      "epochs_run": 4, "best_epoch": source.best_epoch}
+    params = MlflowClient(cfg.mlflow.tracking_uri).get_run(result.run_id).data.params
+    assert params["train.init_from"] == str(uninterrupted.cfg.train.models_dir)
+
+
 def _without_timings(history: list[dict[str, float]]) -> list[dict[str, float]]:
     return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in history]
 

@@ -129,3 +129,23 @@ def test_with_ema_the_average_is_validated_and_exported_and_the_trained_weights_
     assert set(checkpoint["model"]) == set(checkpoint["trained"])  # plain names: what export saves
     assert any(not torch.equal(checkpoint["model"][k], checkpoint["trained"][k]) for k in checkpoint["model"])
     assert checkpoint["ema"]["n_averaged"].item() == 2 * 6  # one update per step: 2 epochs of 6 batches
+
+
+def test_initial_weights_replace_the_random_ones_and_a_checkpoint_replaces_both(splits) -> None:
+    source = run(small(2), splits)
+    trained = source.last_checkpoint["model"]
+    barely_moving = small(1, **{"train.lr": 1.0e-12, "train.limit_train_batches": 1})
+
+    started = LocalSession(device=torch.device("cpu"))
+    train_loop(barely_moving, *splits, started, initial_weights=trained)
+    # One step this small leaves them as they were: the source's weights, and its val accuracy.
+    assert started.reports[0]["val_top1"] == pytest.approx(source.reports[-1]["val_top1"], abs=0.01)
+    assert all(torch.allclose(started.last_checkpoint["model"][k], trained[k], atol=1e-6) for k in trained)
+
+    # A run that resumes from its own checkpoint continues from it, not from the initial weights.
+    random_start = run(small(1), splits)
+    resumed = LocalSession(device=torch.device("cpu"))
+    resumed.last_checkpoint = copy.deepcopy(random_start.last_checkpoint)
+    train_loop(small(2), *splits, resumed, initial_weights=trained)
+    straight = run(small(2), splits)
+    assert without_time(resumed.reports) == without_time(straight.reports[1:])
