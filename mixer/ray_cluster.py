@@ -16,6 +16,18 @@ from mixer.config import Config
 # every run: the preemption watcher serves clusters of preemptible (spot) nodes.
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
+# Every worker process of a job started here learns its own cluster's address as it starts. Without
+# it, a State API call in a worker looks for *the* Ray on this machine and fails with "Found multiple
+# active Ray instances" when there are two (a second `mixer train`, a test cluster): Ray Train's
+# placement-group cleaner is such a caller, its thread dies, and a controller killed later (a sweep
+# trial stopped by ASHA) would keep its workers' CPUs for good.
+JOB_RUNTIME_ENV = {"worker_process_setup_hook": "mixer.ray_cluster.pin_cluster_address"}
+
+
+def pin_cluster_address() -> None:
+    """worker_process_setup_hook: RAY_ADDRESS = the cluster this worker belongs to."""
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
 
 def connect(cfg: Config) -> None:
     """Join ray.address (or RAY_ADDRESS), else start Ray on this machine; check the cluster fits the config.
@@ -27,11 +39,12 @@ def connect(cfg: Config) -> None:
     cluster.check_before_connect(cfg)
     if not ray.is_initialized():
         if cfg.ray.address:
-            ray.init(address=cfg.ray.address, log_to_driver=True)
+            ray.init(address=cfg.ray.address, log_to_driver=True, runtime_env=JOB_RUNTIME_ENV)
         else:
             for key, value in LOCAL_RAY_ENV.items():
                 os.environ.setdefault(key, value)
-            ray.init(log_to_driver=True, include_dashboard=True, dashboard_host="127.0.0.1")
+            ray.init(log_to_driver=True, include_dashboard=True, dashboard_host="127.0.0.1",
+                     runtime_env=JOB_RUNTIME_ENV)
     if cfg.ray.address:  # a cluster of several hosts needs shared storage and a tracking server
         cluster.check_nodes(cfg, [node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]])
     check_resources(cfg)

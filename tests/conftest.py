@@ -41,6 +41,7 @@ def ray_session() -> Iterator[str]:
     """
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as the `mixer` CLI does
     import ray
+    from mixer.ray_cluster import JOB_RUNTIME_ENV
     from ray.cluster_utils import Cluster
 
     with socket.socket() as probe:  # a free port: 8265 may be taken by another Ray on this machine
@@ -50,7 +51,7 @@ def ray_session() -> Iterator[str]:
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, configure_logging=False)
+    ray.init(address=cluster.address, configure_logging=False, runtime_env=JOB_RUNTIME_ENV)  # as connect() does
     try:
         yield cluster.address
     finally:
