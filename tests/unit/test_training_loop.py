@@ -147,5 +147,4 @@ def test_initial_weights_replace_the_random_ones_and_a_checkpoint_replaces_both(
     resumed = LocalSession(device=torch.device("cpu"))
     resumed.last_checkpoint = copy.deepcopy(random_start.last_checkpoint)
     train_loop(small(2), *splits, resumed, initial_weights=trained)
-    straight = run(small(2), splits)
-    assert without_time(resumed.reports) == without_time(straight.reports[1:])
+    assert without_time(resumed.reports) == without_time(source.reports[1:])  # `source` ran small(2) uninterrupted
