@@ -25,6 +25,7 @@ from mixer import config
 from mixer.atomic import atomic_dir, atomic_write_text
 from mixer.config import ModelConfig
 from mixer.model import MlpMixer, build_model
+from mixer.redaction import logged_config
 
 WEIGHTS_FILE = "model.pt"
 SUMMARY_FILE = "train.json"
@@ -64,6 +65,49 @@ def save(folder: Path, state_dict: Mapping[str, torch.Tensor], config: ModelConf
         summary = {"model_config": payload["model_config"], "mean": payload["mean"], "std": payload["std"],
                    **info}
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def training_info(cfg: config.Config, best_state: Mapping[str, Any], history: list[dict[str, float]],
+                  meta: Mapping[str, Any], data_version: str | None, run_id: str | None,
+                  init_origin: Mapping[str, Any] | None, device: str, num_workers: int) -> dict[str, Any]:
+    """What train.json records beside the weights of a training run's best epoch: the same for
+    `mixer train` and `mixer train-offline`, so `mixer register --from` takes either."""
+    return {"best_epoch": best_state["state"]["epoch"], "epochs_run": len(history), "history": history,
+            "num_workers": num_workers, "device": device, "precision": cfg.train.precision,
+            "class_names": meta["fine_label_names"], "data_version": data_version, "mlflow_run_id": run_id,
+            "run_name": cfg.train.run_name, "init_from": init_origin, "params": logged_config(cfg)}
+
+
+@dataclass(frozen=True)
+class InitialWeights:
+    """train.init_from, read and checked before training: the weights a run starts from, and their origin."""
+
+    state_dict: dict[str, torch.Tensor]
+    origin: dict[str, Any]  # the folder, and the MLflow run, run name and epochs that trained the weights
+
+
+def read_initial_weights(cfg: config.Config) -> InitialWeights | None:
+    """The exported model train.init_from names, if any; refused (one line) unless model.* builds the
+    same network. Dropout may differ: it changes training, not the weights' shapes."""
+    folder = cfg.train.init_from
+    if folder is None:
+        return None
+    try:
+        exported = load(folder)
+    except ExportError as err:
+        raise config.ConfigError(f"train.init_from: {err}") from None
+    different = [name for name in SHAPE_FIELDS if getattr(exported.config, name) != getattr(cfg.model, name)]
+    if different:
+        theirs = ", ".join(f"{name}={getattr(exported.config, name)}" for name in different)
+        ours = ", ".join(f"{name}={getattr(cfg.model, name)}" for name in different)
+        raise config.ConfigError(f"train.init_from: {folder} holds a {exported.config.preset} model with {theirs}, "
+                                 f"but model.* builds {ours}; set model.preset={exported.config.preset} (and the "
+                                 f"same model fields) to start from it")
+    summary = exported.summary
+    origin = {"folder": str(folder), "mlflow_run_id": summary.get("mlflow_run_id"),
+              "run_name": summary.get("run_name"), "epochs_run": summary.get("epochs_run"),
+              "best_epoch": summary.get("best_epoch")}
+    return InitialWeights(state_dict=exported.model.state_dict(), origin=origin)
 
 
 def read_summary(folder: Path) -> dict[str, Any]:

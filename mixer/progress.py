@@ -1,5 +1,5 @@
-"""What the Ray Train controller does with each epoch rank 0 reports: print it, log it to MLflow, and
-end the run when the loss diverged.
+"""What the Ray Train controller does with each epoch rank 0 reports: hand it to the handlers of
+mixer.epochs (print it, stop on divergence) and log it to MLflow.
 
 The controller process unpickles these callbacks as it starts, on the way to the first training
 step, so this module imports neither torch nor MLflow (on 2 cores each costs seconds there):
@@ -14,15 +14,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
-EPOCH_METRICS = ("train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "epoch_seconds")
-
-
-class TrainingError(ValueError):
-    """Training stopped for a reason the user can act on; the message says what to do."""
-
-
-class TrainingDiverged(TrainingError):
-    """The loss became nan or inf."""
+from mixer.epochs import EPOCH_METRICS
 
 
 class OnEpoch(UserCallback):
@@ -38,27 +30,6 @@ class OnEpoch(UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         for handler in self.handlers:
             handler(metrics[0])
-
-
-class ProgressLine:
-    """One console line per epoch."""
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def __call__(self, m: dict[str, Any]) -> None:
-        print(f"epoch {m['epoch']:>3}/{self.epochs}  train loss {m['train_loss']:.4f} top1 {m['train_top1']:.2%}"
-              f"  val loss {m['val_loss']:.4f} top1 {m['val_top1']:.2%} top5 {m['val_top5']:.2%}"
-              f"  lr {m['lr']:.2e}  {m['epoch_seconds']:.1f}s", flush=True)
-
-
-def stop_if_diverged(metrics: dict[str, Any]) -> None:
-    """End the run at the first nan/inf epoch (the workers stopped already)."""
-    if metrics.get("diverged"):
-        raise TrainingDiverged(
-            f"training diverged: train loss {metrics['train_loss']}, val loss {metrics['val_loss']} in epoch "
-            f"{metrics['epoch']} (lr {metrics['lr']:.2e}); nothing was exported or registered; lower train.lr "
-            f"or use train.precision=fp32 and train again")
 
 
 class EpochLog:

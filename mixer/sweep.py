@@ -24,7 +24,8 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler
 
 from mixer import config, publish, registry, reports, tracking, training
-from mixer.progress import EPOCH_METRICS, EpochLog
+from mixer.epochs import EPOCH_METRICS
+from mixer.progress import EpochLog
 from mixer.config import Config
 
 METRIC, MODE = "val_loss", "min"  # what ASHA and the final choice rank trials by

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 import time
 import urllib.parse
@@ -27,19 +26,14 @@ from mlflow.tracking._model_registry import utils as _registry_utils
 from mlflow.tracking._tracking_service import utils as _tracking_utils
 
 from mixer.config import Config
-from mixer.progress import EPOCH_METRICS
+from mixer.epochs import EPOCH_METRICS
+from mixer.redaction import REDACTED, logged_config, redact, redact_all  # noqa: F401 (their home before)
 
 MODEL_URI_TAG = "model_uri"
 # Where `mixer server` (and `mixer stack up`) serve the UI over the project's SQLite store.
 DEFAULT_UI = "http://127.0.0.1:5000"
 RUN_NAME_TAG = "run_name"  # train.run_name: the key for resuming, in MLflow as in Ray's storage
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting a run under another
-REDACTED = "***"
-# `scheme://user:password@host`: the credentials part of a URL (also in MLflow's own error messages).
-_URL_CREDENTIALS = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
-# `?token=...`, `&X-Amz-Signature=...`: query parameters whose name says they hold a secret.
-_SECRET_QUERY = re.compile(
-    r"([?&][^=&\s#]*(?:token|passw|secret|signature|credential|key)[^=&\s#]*=)[^&\s#]+", re.IGNORECASE)
 _SUPPRESS_URL_PRINT = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
 
 
@@ -89,29 +83,6 @@ def process_tracking_uri(uri: str) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-
-
-def redact(text: str) -> str:
-    """`text` with the secrets a URL can carry (`user:password@`, `?token=...`) replaced by ***.
-
-    Everything this module writes to MLflow from the config goes through it: a tracking URI, data
-    URL, Ray address or storage path may embed credentials, and params, tags and artifacts are
-    readable by everyone with access to the tracking server. Environment variables are never logged.
-    """
-    return _SECRET_QUERY.sub(rf"\1{REDACTED}", _URL_CREDENTIALS.sub(rf"\1{REDACTED}@", text))
-
-
-def logged_config(cfg: Config) -> dict[str, Any]:
-    """The resolved config as MLflow records it (params, params.yaml): every string redacted."""
-    return _redacted(cfg.to_dict())
-
-
-def _redacted(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {key: _redacted(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_redacted(item) for item in value]
-    return redact(value) if isinstance(value, str) else value
 
 
 def _terminate(cfg: Config, run_id: str, status: str) -> None:
@@ -213,7 +184,7 @@ def start_sweep_run(cfg: Config, name: str, data_version: str | None, space: Map
         "data_version": data_version or "unversioned", "preset": cfg.model.preset})
     logged = yaml.safe_dump(logged_config(cfg), sort_keys=False)
     mlflow_client.log_text(run.info.run_id, logged, "params.yaml")
-    mlflow_client.log_dict(run.info.run_id, _redacted(dict(space)), "search_space.json")
+    mlflow_client.log_dict(run.info.run_id, redact_all(dict(space)), "search_space.json")
     return run.info.run_id
 
 

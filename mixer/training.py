@@ -33,7 +33,8 @@ from mixer import config, data, export
 from mixer.background import Background
 from mixer.config import Config
 from mixer.loop import train_loop
-from mixer.progress import EpochLog, OnEpoch, ProgressLine, TrainingError, stop_if_diverged
+from mixer.epochs import ProgressLine, TrainingError, stop_if_diverged
+from mixer.progress import EpochLog, OnEpoch
 from mixer.ray_cluster import connect
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -114,15 +115,7 @@ class TrainingInputs:
     example_images: np.ndarray  # two val images: the MLflow model's input example
     data_version: str | None
     initial_weights: ray.ObjectRef | None = None  # train.init_from's state dict
-    init_origin: dict[str, Any] | None = None  # where those weights came from (InitialWeights.origin)
-
-
-@dataclass(frozen=True)
-class InitialWeights:
-    """train.init_from, read and checked by the driver: the weights a run starts from, and their origin."""
-
-    state_dict: dict[str, torch.Tensor]
-    origin: dict[str, Any]  # the folder, and the MLflow run, run name and epochs that trained the weights
+    init_origin: dict[str, Any] | None = None  # where those weights came from (export.InitialWeights.origin)
 
 
 @dataclass(frozen=True)
@@ -133,7 +126,7 @@ class LocalInputs:
     val: data.Split
     meta: dict[str, Any]
     data_version: str | None
-    initial: InitialWeights | None = None
+    initial: export.InitialWeights | None = None
 
 
 def read_inputs(cfg: Config) -> LocalInputs:
@@ -141,34 +134,10 @@ def read_inputs(cfg: Config) -> LocalInputs:
     Ray: `mixer train` runs it while Ray starts."""
     from mixer import versioning
 
-    initial = read_initial_weights(cfg)  # a wrong folder is refused before the data is even checked
+    initial = export.read_initial_weights(cfg)  # a wrong folder is refused before the data is even checked
     data_version = versioning.check_data_matches_lock(cfg.root, cfg.data.out_dir)  # before any split is read
     return LocalInputs(train=data.load_split(cfg.data.out_dir, "train"), val=data.load_split(cfg.data.out_dir, "val"),
                        meta=data.load_meta(cfg.data.out_dir), data_version=data_version, initial=initial)
-
-
-def read_initial_weights(cfg: Config) -> InitialWeights | None:
-    """The exported model train.init_from names, if any; refused (one line) unless model.* builds the
-    same network. Dropout may differ: it changes training, not the weights' shapes."""
-    folder = cfg.train.init_from
-    if folder is None:
-        return None
-    try:
-        exported = export.load(folder)
-    except export.ExportError as err:
-        raise config.ConfigError(f"train.init_from: {err}") from None
-    different = [name for name in export.SHAPE_FIELDS if getattr(exported.config, name) != getattr(cfg.model, name)]
-    if different:
-        theirs = ", ".join(f"{name}={getattr(exported.config, name)}" for name in different)
-        ours = ", ".join(f"{name}={getattr(cfg.model, name)}" for name in different)
-        raise config.ConfigError(f"train.init_from: {folder} holds a {exported.config.preset} model with {theirs}, "
-                                 f"but model.* builds {ours}; set model.preset={exported.config.preset} (and the "
-                                 f"same model fields) to start from it")
-    summary = exported.summary
-    origin = {"folder": str(folder), "mlflow_run_id": summary.get("mlflow_run_id"),
-              "run_name": summary.get("run_name"), "epochs_run": summary.get("epochs_run"),
-              "best_epoch": summary.get("best_epoch")}
-    return InitialWeights(state_dict=exported.model.state_dict(), origin=origin)
 
 
 def load_inputs(cfg: Config, local: LocalInputs | None = None) -> TrainingInputs:
@@ -323,15 +292,10 @@ def export_best(cfg: Config, inputs: TrainingInputs, best_state: dict[str, Any],
 def save_best(cfg: Config, inputs: TrainingInputs, best_state: dict[str, Any], history: list[dict[str, float]],
               run_id: str | None, models_dir: Path) -> None:
     """Write the best epoch to `models_dir` (atomically), with what registering it later needs."""
-    from mixer import tracking
-
-    meta = inputs.meta
-    export.save(models_dir, best_state["model"], cfg.model, meta["mean"], meta["std"], info={
-        "best_epoch": best_state["state"]["epoch"], "epochs_run": len(history), "history": history,
-        "num_workers": cfg.ray.num_workers, "device": "cuda" if cfg.ray.use_gpu else "cpu",
-        "precision": cfg.train.precision, "class_names": meta["fine_label_names"],
-        "data_version": inputs.data_version, "mlflow_run_id": run_id, "run_name": cfg.train.run_name,
-        "init_from": inputs.init_origin, "params": tracking.logged_config(cfg)})
+    export.save(models_dir, best_state["model"], cfg.model, inputs.meta["mean"], inputs.meta["std"],
+                info=export.training_info(cfg, best_state, history, inputs.meta, inputs.data_version, run_id,
+                                          inputs.init_origin, device="cuda" if cfg.ray.use_gpu else "cpu",
+                                          num_workers=cfg.ray.num_workers))
 
 
 def log_best(cfg: Config, inputs: TrainingInputs, run_id: str, models_dir: Path) -> str:

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from dvc.dvcfile import LOCK_FILE, PROJECT_FILE
 from dvc.exceptions import DvcException
 from dvc.lock import FAILED_TO_LOCK_MESSAGE
@@ -24,29 +23,15 @@ from dvc.repo import Repo
 from mixer import config
 from mixer.config import Config
 from mixer.data import DataError
+from mixer.lockfile import INGEST_STAGE, data_version
 
 log = logging.getLogger(__name__)
 
-INGEST_STAGE = "ingest"
 STAGE_PARAMS = ("out_dir", "val_fraction", "split_seed")  # data.* the stage reads besides url and md5
 # A holder is another `dvc repro`/`pull` of this project; an ingest takes seconds to a few minutes.
 LOCK_TIMEOUT_S = 600.0
 _LOCKED = FAILED_TO_LOCK_MESSAGE.split(".")[0]  # "Unable to acquire lock": what dvc prints on LockError
 _BIN = Path(sys.executable).parent  # this environment's `dvc` and `mixer` (the stage's command)
-
-
-def data_version(root: Path, data_dir: Path) -> str | None:
-    """The DVC hash of `data_dir` from `root`/dvc.lock, or None when DVC has not recorded it."""
-    lock_file = root / LOCK_FILE
-    if not lock_file.is_file():
-        return None
-    lock = yaml.safe_load(lock_file.read_text()) or {}
-    stage = (lock.get("stages") or {}).get(INGEST_STAGE) or {}
-    wanted = data_dir.resolve()
-    for out in stage.get("outs") or []:
-        if (root / out.get("path", "")).resolve() == wanted:
-            return out.get("md5")
-    return None
 
 
 def check_data_matches_lock(root: Path, data_dir: Path) -> str | None:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from mixer import config, export, progress, publish, reports, serving, training, tracking
+from mixer import config, epochs, export, publish, reports, serving, training, tracking
 from ray.train import UserCallback
 
 from .conftest import tiny_config
@@ -38,7 +38,7 @@ def _runs(cfg: config.Config) -> list[Any]:
 def test_a_nan_loss_fails_the_run_and_exports_nothing(tmp_path: Path, prepared_data: Path) -> None:
     cfg = tiny_config(tmp_path, prepared_data, **SMALL, **{"train.lr": 1.0e30})
 
-    with pytest.raises(progress.TrainingDiverged, match=r"training diverged: train loss nan.*epoch 1.*lower train.lr"):
+    with pytest.raises(epochs.TrainingDiverged, match=r"training diverged: train loss nan.*epoch 1.*lower train.lr"):
         training.fit(cfg)
 
     assert not cfg.train.models_dir.exists()  # nothing to evaluate or register

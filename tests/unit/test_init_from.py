@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixer import config, export, training
+from mixer import config, export
 from mixer.model import build_model
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
@@ -27,13 +27,13 @@ def test_the_weights_and_their_origin_are_read_for_the_same_network(tmp_path: Pa
     # Dropout may differ: it changes how the weights train, not their shapes.
     cfg = config.load(PARAMS, {"model.preset": "nano", "model.dropout": 0.3, "train.init_from": str(tmp_path / "first")})
 
-    initial = training.read_initial_weights(cfg)
+    initial = export.read_initial_weights(cfg)
 
     assert initial is not None and initial.state_dict.keys() == weights.keys()
     assert all(torch.equal(initial.state_dict[k], weights[k]) for k in weights)
     assert initial.origin == {"folder": str(tmp_path / "first"), "mlflow_run_id": "abc123", "run_name": "first",
                               "epochs_run": 5, "best_epoch": 3}
-    assert training.read_initial_weights(config.load(PARAMS)) is None  # the default: random weights
+    assert export.read_initial_weights(config.load(PARAMS)) is None  # the default: random weights
 
 
 def test_another_network_is_refused_in_one_line_naming_what_differs(tmp_path: Path) -> None:
@@ -41,7 +41,7 @@ def test_another_network_is_refused_in_one_line_naming_what_differs(tmp_path: Pa
     cfg = config.load(PARAMS, {"train.init_from": str(tmp_path / "first")})  # the seed preset
 
     with pytest.raises(config.ConfigError) as refused:
-        training.read_initial_weights(cfg)
+        export.read_initial_weights(cfg)
 
     message = str(refused.value)
     assert message.startswith("train.init_from: ") and "\n" not in message
@@ -52,4 +52,4 @@ def test_a_folder_without_an_export_is_refused_in_one_line(tmp_path: Path) -> No
     cfg = config.load(PARAMS, {"train.init_from": str(tmp_path / "nothing")})
 
     with pytest.raises(config.ConfigError, match=r"^train\.init_from: .*nothing/model\.pt: no exported model"):
-        training.read_initial_weights(cfg)
+        export.read_initial_weights(cfg)

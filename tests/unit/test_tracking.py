@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mixer import config, progress, tracking
+from mixer import config, epochs, progress, tracking
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 
@@ -29,7 +29,7 @@ def test_epoch_logging_survives_a_server_that_went_away(nobody: str, monkeypatch
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     log = progress.EpochLog(nobody, "0123456789abcdef")
-    epoch = {name: 0.5 for name in progress.EPOCH_METRICS}
+    epoch = {name: 0.5 for name in epochs.EPOCH_METRICS}
     log({**epoch, "epoch": 1})  # raises nothing: the training it runs beside goes on
     log({**epoch, "epoch": 2})
     assert log.lost
