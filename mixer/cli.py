@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from mixer import config, stack
 from mixer.background import Background
 from mixer.config import Config
+from mixer.redaction import redact
 
 if TYPE_CHECKING:
     from mixer import training
@@ -65,6 +66,20 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
     print(f"best epoch {result.best_epoch}/{len(result.history)}: val top1 {best['val_top1']:.2%} "
           f"top5 {best['val_top5']:.2%} loss {best['val_loss']:.4f} -> {result.models_dir} "
           f"(MLflow run {result.run_id})")
+
+
+def _train_offline(cfg: Config, args: argparse.Namespace) -> None:
+    import torch
+
+    from mixer import offline
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    result = offline.train_offline(cfg, device, args.checkpoints)
+    best = result.best
+    print(f"best epoch {result.best_epoch}/{len(result.history)}: val top1 {best['val_top1']:.2%} "
+          f"top5 {best['val_top5']:.2%} loss {best['val_loss']:.4f} -> {result.models_dir} (no MLflow run: "
+          f"`mixer evaluate --weights {result.models_dir}`, then `mixer register --from {result.models_dir}` "
+          f"where MLflow is)")
 
 
 def _sweep(cfg: Config, args: argparse.Namespace) -> None:
@@ -206,6 +221,12 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", type=Path, default=None, help="an exported model folder (default: train.models_dir)")
 
 
+def _train_offline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if there is one)")
+    parser.add_argument("--checkpoints", type=Path, default=None, metavar="DIR", help="where the checkpoints go; "
+                        "the same folder again resumes (default: runs/offline/<train.run_name>)")
+
+
 def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="the best trial's model and metrics go to "
                         "OUT/<name>/ (default: runs/ in the project; never the DVC outputs)")
@@ -270,6 +291,9 @@ def _server_arguments(parser: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, Command] = {
     "ingest": Command(_ingest, "fetch, verify and convert CIFAR-100 into data.out_dir"),
     "train": Command(_train, "train with Ray Train, tracked in MLflow; export the best epoch to train.models_dir"),
+    "train-offline": Command(_train_offline, "train on this machine's device with no Ray, MLflow or DVC (a "
+                             "machine with torch alone); export like train, for `register --from` later",
+                             _train_offline_arguments),
     "sweep": Command(_sweep, "search sweep.space with Ray Tune (ASHA), each trial a Ray Train run; register "
                      "the best trial @challenger", _sweep_arguments),
     "evaluate": Command(_evaluate, "score the exported model on the test split; write metrics and plots",
@@ -354,10 +378,7 @@ def _interrupt(received: list[int], signum: int) -> None:
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     text = text if isinstance(err, ValueError) else f"{type(err).__name__}: {text}"
-    # MLflow's errors quote the tracking URI, credentials included; MLflow can only have failed
-    # if it was imported, so the redaction is skipped (not imported: ~2 s) when it was not.
-    tracking = sys.modules.get("mixer.tracking")
-    return tracking.redact(text) if tracking else text
+    return redact(text)  # MLflow's errors quote the tracking URI, credentials included
 
 
 if __name__ == "__main__":
