@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from mixer import config, data
+from mixer import config, data, loop
 from mixer.loop import LocalSession, compiled_or_eager, train_loop
 from mixer.model import build_model
 
@@ -121,6 +122,24 @@ def test_training_goes_on_eagerly_with_a_warning_where_compiling_fails() -> None
     with pytest.warns(RuntimeWarning, match=r"torch.compile is not available here \(OSError: g\+\+: not found\)"):
         chosen = compiled_or_eager(model, compiler_missing)
     assert chosen is model and model.weight.grad is None
+
+
+@pytest.mark.parametrize(("native", "warned"), [(False, True), (True, False), (None, False)])
+def test_bf16_on_a_cpu_without_bf16_support_warns_once_before_training(
+        monkeypatch: pytest.MonkeyPatch, native: bool | None, warned: bool) -> None:
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)  # what this CPU answers varies by machine
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loop.warn_if_bf16_is_emulated(torch.device("cpu"))
+        loop.warn_if_bf16_is_emulated(torch.device("meta"))  # not a CPU: never
+    messages = [str(w.message) for w in caught]
+    assert messages == (["train.precision=bf16 on a CPU without bf16 support in oneDNN "
+                         f"({torch.backends.cpu.get_cpu_capability()}): many times slower than fp32 here; "
+                         "use train.precision=fp32"] if warned else [])
+
+
+def test_this_cpus_bf16_support_is_known() -> None:
+    assert loop.cpu_has_native_bf16() in (True, False)  # the PyPI build has oneDNN: it can tell
 
 
 def test_with_ema_the_average_is_validated_and_exported_and_the_trained_weights_resume(splits) -> None:
