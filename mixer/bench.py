@@ -175,9 +175,12 @@ def profile(cfg: Config, train: data.Split, mean: list[float], std: list[float],
     images = torch.as_tensor(train.images[: 2 * steps * t.batch_size], device=device)
     labels = torch.as_tensor(train.fine_labels[: 2 * steps * t.batch_size], device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    batches = len(images) // t.batch_size  # a small split is cycled through
+    if batches == 0:
+        raise ValueError(f"the train split holds {len(images)} images, less than one batch of {t.batch_size}")
 
     def step(i: int) -> None:
-        idx = slice(i * t.batch_size, (i + 1) * t.batch_size)
+        idx = slice(i % batches * t.batch_size, (i % batches + 1) * t.batch_size)
         _train_step(model, optimizer, images[idx], labels[idx], mean, std, cfg, autocast)
 
     model.train()
