@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -81,18 +82,24 @@ def write_lock(root: Path, md5: str) -> None:
 
 def test_offline_training_needs_torch_alone_resumes_and_registers_where_mlflow_is(
         torch_alone: dict[str, str], project: Path, mlflow_server: str) -> None:
-    interrupted = mixer_with_torch_alone(torch_alone, project, "train-offline", "--checkpoints", "ck", "train.epochs=2",
-                                         "train.run_name=gpu-box", *TINY)
-    assert interrupted.returncode == 0, interrupted.stderr
-    assert "epoch   2/2" in interrupted.stdout and "resuming" not in interrupted.stdout
-    # Started again with the same folder and more epochs (the plateau schedule's lr does not depend
-    # on the epoch count): it goes on from epoch 2.
-    resumed = mixer_with_torch_alone(torch_alone, project, "train-offline", "--checkpoints", "ck", "train.epochs=3",
-                                     "train.run_name=gpu-box", *TINY)
+    command = ["train-offline", "--checkpoints", "ck", "train.epochs=3", "train.run_name=gpu-box", *TINY]
+    # Interrupted (Ctrl-C) as soon as epoch 1 is printed: it is checkpointed by then.
+    interrupted = subprocess.Popen([sys.executable, "-m", "mixer.cli", *command], cwd=project, env=torch_alone,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert interrupted.stdout is not None
+    for line in interrupted.stdout:
+        if line.startswith("epoch   1/3"):
+            interrupted.send_signal(signal.SIGINT)
+            break
+    assert interrupted.wait(timeout=120) == 130, interrupted.stderr.read() if interrupted.stderr else ""
+    resumed = mixer_with_torch_alone(torch_alone, project, *command)
     assert resumed.returncode == 0, resumed.stderr
-    assert "(resuming)" in resumed.stdout and "epoch   3/3" in resumed.stdout and "epoch   2/" not in resumed.stdout
-    straight = mixer_with_torch_alone(torch_alone, project, "train-offline", "--checkpoints", "ck-straight", "train.epochs=3",
-                                      "train.models_dir=models-straight", *TINY)
+    assert "(resuming)" in resumed.stdout and "epoch   3/3" in resumed.stdout and "epoch   1/3" not in resumed.stdout
+    other = mixer_with_torch_alone(torch_alone, project, *command, "train.lr=0.001")
+    assert other.returncode == 2 and "ck: these checkpoints are of a run with other params (train.lr: 0.005 -> 0.001)" \
+        in other.stderr and other.stderr.count("\n") == 1
+    straight = mixer_with_torch_alone(torch_alone, project, "train-offline", "--checkpoints", "ck-straight",
+                                      "train.epochs=3", "train.models_dir=models-straight", *TINY)
     assert straight.returncode == 0, straight.stderr
 
     summary = export.read_summary(project / "models")
