@@ -23,7 +23,7 @@ BUDGET_S=${BUDGET_S:-480}            # the whole script; a device call may run 6
 BENCH_EPOCHS=${BENCH_EPOCHS:-4}      # per path, the first one not counted
 BENCH_BATCHES=${BENCH_BATCHES:-351}  # a full epoch of 45,000 images at batch 128
 MAX_EPOCHS=${MAX_EPOCHS:-300}        # the 67.51% reference trained this shape for 300
-RESERVE_S=${RESERVE_S:-45}           # compile warm-up, the export and the files' way back
+RESERVE_S=${RESERVE_S:-60}           # compile warm-up, the export and the files' way back
 EXTRA=${EXTRA:-}                     # overrides added to every mixer command (tests: tiny batches)
 PYTHON=${PYTHON:-python3}
 NAME=best-nano-gpu
@@ -53,9 +53,21 @@ mixer bench --device "$DEVICE" --preset seed --profile $fast
 
 echo "== train $NAME"
 left=$((BUDGET_S - (SECONDS - started) - RESERVE_S))
-epoch_s=$("$PYTHON" -c "import json; print(json.load(open('$OUT/bench-nano.json'))['pipeline']['seconds_per_45k_epoch'])")
-epochs=$("$PYTHON" -c "print(max(0, min($MAX_EPOCHS, int($left / ($epoch_s * 1.1)))))")  # 10% for validation
-echo "$left s left, $epoch_s s per nano epoch: $epochs epochs"
+# The pipeline's measured rate over the train split as ingested, plus 10% for validation.
+epochs=$("$PYTHON" - "$OUT/bench-nano.json" "$left" "$MAX_EPOCHS" $EXTRA <<'EOF'
+import json, sys
+from mixer import config, data
+rate = json.load(open(sys.argv[1]))["pipeline"]["train_images_per_s"]
+cfg = config.load(None, config.parse_overrides(sys.argv[4:]))
+images = data.load_meta(cfg.data.out_dir)["counts"]["train"]
+if cfg.train.limit_train_batches:  # tests cut epochs short
+    images = min(images, cfg.train.limit_train_batches * cfg.train.batch_size)
+epoch_s = images / rate * 1.1
+print(max(0, min(int(sys.argv[3]), int(float(sys.argv[2]) / epoch_s))))
+print(f"{sys.argv[2]} s left, {epoch_s:.1f} s per nano epoch of {images} images", file=sys.stderr)
+EOF
+)
+echo "$epochs epochs"
 if [ "$epochs" -lt 1 ]; then
     echo "no time left to train"
     exit 0
