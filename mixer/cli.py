@@ -335,9 +335,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Under `uv run`, Ray would build a fresh uv environment for its workers from the working
-    # folder (tens of seconds per run); workers here use the installed environment instead.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # A progress bar per model download would bury the one line `mixer predict` prints per image.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # A failing MLflow server costs seconds, not MLflow's default minutes of retries, before

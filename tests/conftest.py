@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +38,6 @@ def ray_session() -> Iterator[str]:
     dashboard because Ray Train's placement-group cleaner needs its State API: without it, a Train
     run whose controller is killed (a trial stopped by ASHA) keeps its workers' CPUs forever.
     """
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # as the `mixer` CLI does
     import ray
     from mixer.ray_cluster import JOB_RUNTIME_ENV
     from ray.cluster_utils import Cluster
