@@ -75,8 +75,7 @@ def up(cfg: Config, folder: Path, prefect_port: int = 4200, mlflow_port: int = 5
         _wait(server, f"{api}/health")
         _ensure_pool(pool, prefect_env, cfg.root)
         # Flow runs of the worker track to this stack's MLflow server unless the user chose a store.
-        worker_env = {**prefect_env, "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", mlflow_url),
-                      "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+        worker_env = {**prefect_env, "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", mlflow_url)}
         worker = _start(folder, "worker", [str(_BIN / "prefect"), "worker", "start", "--pool", pool, "--type",
                                            "process"], worker_env, cfg.root, f"{api}/work_pools/{pool}", f"--pool {pool}")
         services.append(worker)

@@ -43,8 +43,7 @@ def make_project(dest: Path, archive: Path, md5: str, ray_address: str | None = 
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     tiny_params(dest)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "PREFECT_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", MIXER_DATA_URL=str(archive), MIXER_DATA_MD5=md5,
-               RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    env.update(PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", MIXER_DATA_URL=str(archive), MIXER_DATA_MD5=md5)
     if ray_address:
         env["RAY_ADDRESS"] = ray_address
     for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):

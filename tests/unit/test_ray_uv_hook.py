@@ -24,7 +24,7 @@ JOB_RUNTIME_ENV = ("from ray._private.worker import _maybe_modify_runtime_env; "
 
 
 def runtime_env_under_uv_run(imports: str, **env: str) -> dict[str, object]:
-    uv = shutil.which("uv")
+    uv = os.environ.get("UV") or shutil.which("uv")  # `uv run` names itself in UV
     if uv is None:
         pytest.skip("uv is not on PATH")
     base = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_UV_RUN_RUNTIME_ENV"}
